@@ -1,0 +1,246 @@
+"""The experiment configuration: one schema, validated once, at the edge.
+
+Every config file in `configs/` starts from `base_config()` (the paper's recipe, Table I
+and section II.E) and changes values. The returned ConfigDict is locked, so a misspelt
+key fails where it is written, and `validate` checks the whole tree against the schema
+before anything runs: an unknown key or a value of the wrong type is a `UserError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from munet_jax.errors import UserError
+
+LOSSES = ("mse", "dice", "ce_dice")
+SAMPLING = ("all", "liver", "tumor_oversample")
+DTYPES = ("float32", "bfloat16")
+SPLIT_PRESETS = ("lits", "ircadb", "custom")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The schema and the paper's defaults (LiTS, Table I widths, 512x512)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_classes = 3                                  # background, liver, tumour
+  c.model.features = (64, 128, 256, 512, 1024)             # Table I, one per stage
+  c.model.dropout_rate = 0.2                               # keep probability 0.8
+  c.model.bn_momentum = 0.9                                # moving-average decay 0.9
+  c.model.odu_residual = True                              # mU-Net change 1+2: r = x - u
+  c.model.skip_conv = True                                 # mU-Net change 3: conv in skip
+  c.model.residual_learning = True                         # residual around encoder stages
+  c.model.dtype = "float32"                                # compute dtype; params float32
+  c.model.init_std = 0.05                                  # truncated normal, section II.E
+  c.model.bias_init = 0.1
+
+  c.data = ml_collections.ConfigDict()
+  c.data.root = "data/lits"
+  c.data.cache_dir = config_dict.placeholder(str)          # slice store; default root/.munet_cache
+  c.data.image_size = 512                                  # slices centre-padded/cropped to this
+  c.data.hu_window = (-250.0, 250.0)                       # clip, section II.E
+  c.data.scaled_range = (-1.0, 1.0)                        # the window maps onto this range
+  c.data.split = "lits"                                    # preset: 40/5/35 patients
+  c.data.train_cases = ()                                  # explicit case names (split=custom)
+  c.data.val_cases = ()
+  c.data.test_cases = ()
+  c.data.num_train = 40                                    # counts (split=custom, no lists)
+  c.data.num_val = 5
+  c.data.num_test = 35
+  c.data.sampling = "all"                                  # all slices, as in the paper
+  c.data.tumor_oversample = 0.0                            # extra share of tumour slices
+  c.data.num_workers = 2
+  c.data.prefetch = 4
+  c.data.skip_bad = False
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.enabled = False                           # off, as in the paper
+  c.data.augment.flip = True
+  c.data.augment.rotate_degrees = 10.0
+  c.data.augment.scale = 0.1
+  c.data.augment.intensity = 0.05
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100_000
+  c.train.batch_size = 15
+  c.train.learning_rate = 1e-4
+  c.train.lr_decay_rate = 0.9
+  c.train.lr_decay_steps = 5_000                           # staircase
+  c.train.weight_decay = 0.003                             # L2
+  c.train.decoupled_weight_decay = False                   # AdamW-style instead of L2
+  c.train.loss = "mse"                                     # on softmax probabilities
+  c.train.log_every_steps = 50
+  c.train.eval_every_steps = 5_000
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1_000
+  c.checkpoint.keep = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 16
+  c.eval.largest_liver_component = False                   # post-processing, off as in paper
+  c.eval.tumor_inside_liver = False
+  c.eval.small_lesion_mm = 28.0                            # 28 x 28 mm^2 small-object bound
+  return c
+
+
+def _flatten(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key in c.keys():
+    value = c[key]
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _field_type(c: ml_collections.ConfigDict, dotted: str):
+  *parents, leaf = dotted.split(".")
+  for p in parents:
+    c = c[p]
+  ref = c.get_ref(leaf)
+  return ref.get_type()
+
+
+def _type_ok(value: Any, expected: type) -> bool:
+  if value is None:
+    return True
+  if expected is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if expected is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if expected in (tuple, list):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, expected)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks `config` against the schema; raises `UserError` naming the bad key."""
+  schema = base_config()
+  got = _flatten(config)
+  want = _flatten(schema)
+  for key in got:
+    if key not in want:
+      raise UserError(f"config key '{key}' is unknown")
+  for key in want:
+    if key not in got:
+      raise UserError(f"config key '{key}' is missing")
+  for key, value in got.items():
+    expected = _field_type(schema, key)
+    if not _type_ok(value, expected):
+      raise UserError(f"config key '{key}' must be {expected.__name__}, got {value!r}")
+  _check_values(config)
+  return config
+
+
+def _check_values(c: ml_collections.ConfigDict) -> None:
+  def need(ok: bool, key: str, what: str):
+    if not ok:
+      raise UserError(f"config key '{key}' {what}")
+
+  need(c.model.num_classes >= 2, "model.num_classes", "must be at least 2")
+  need(len(c.model.features) >= 1 and all(isinstance(f, int) and f > 0 for f in c.model.features),
+       "model.features", "must be positive integers, one per stage")
+  need(0.0 <= c.model.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")
+  need(0.0 <= c.model.bn_momentum < 1.0, "model.bn_momentum", "must be in [0, 1)")
+  need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+  need(c.model.init_std > 0, "model.init_std", "must be positive")
+  need(c.data.image_size >= 1, "data.image_size", "must be >= 1")
+  need(len(c.data.hu_window) == 2 and c.data.hu_window[0] < c.data.hu_window[1],
+       "data.hu_window", "must be (low, high) with low < high")
+  need(len(c.data.scaled_range) == 2 and c.data.scaled_range[0] < c.data.scaled_range[1],
+       "data.scaled_range", "must be (low, high) with low < high")
+  need(c.data.split in SPLIT_PRESETS, "data.split", f"must be one of {SPLIT_PRESETS}")
+  need(c.data.sampling in SAMPLING, "data.sampling", f"must be one of {SAMPLING}")
+  need(0.0 <= c.data.tumor_oversample < 1.0, "data.tumor_oversample", "must be in [0, 1)")
+  need(c.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+  need(c.train.steps >= 0, "train.steps", "must be >= 0")
+  need(c.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+  need(c.train.learning_rate > 0, "train.learning_rate", "must be positive")
+  need(c.train.lr_decay_steps >= 1, "train.lr_decay_steps", "must be >= 1")
+  need(c.train.loss in LOSSES, "train.loss", f"must be one of {LOSSES}")
+  need(c.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+  need(c.train.eval_every_steps >= 1, "train.eval_every_steps", "must be >= 1")
+  need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+  need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+  need(c.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Executes a config file and returns its validated, locked `get_config()`."""
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: config file not found")
+  spec = importlib.util.spec_from_file_location("_munet_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except UserError:
+    raise
+  except AttributeError as e:
+    raise UserError(f"{path}: {e}") from e
+  except Exception as e:  # a broken config file is the user's to fix
+    raise UserError(f"{path}: cannot load config: {type(e).__name__}: {e}") from e
+  config = validate(config)
+  config.lock()
+  return config
+
+
+def _parse_value(text: str, current: Any) -> Any:
+  if isinstance(current, str) or (current is None and not _looks_literal(text)):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # left to the type check, which names the key
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if isinstance(current, tuple) and not isinstance(value, tuple):
+    value = (value,)
+  return value
+
+
+def _looks_literal(text: str) -> bool:
+  try:
+    ast.literal_eval(text)
+    return True
+  except (ValueError, SyntaxError):
+    return False
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies `a.b=value` overrides (from `--config.a.b=value`) and re-validates."""
+  config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  schema = base_config()
+  for item in overrides:
+    if "=" not in item:
+      raise UserError(f"config override '{item}' must be KEY=VALUE")
+    dotted, text = item.split("=", 1)
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        raise UserError(f"config key '{dotted}' is unknown")
+      node = node[p]
+    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+      raise UserError(f"config key '{dotted}' is unknown")
+    current = node[leaf]
+    if current is None:
+      expected = _field_type(schema, dotted)
+      current = "" if expected is str else None
+    node[leaf] = _parse_value(text, current)
+  config = validate(config)
+  config.lock()
+  return config

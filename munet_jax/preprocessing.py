@@ -1,0 +1,27 @@
+"""Intensity preprocessing: the HU window and scaling of section II.E, nothing else."""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+import jax.numpy as jnp
+
+
+def preprocess(hu, config: ml_collections.ConfigDict | None = None):
+  """Clips Hounsfield units to `data.hu_window` and maps it linearly onto `data.scaled_range`.
+
+  Args:
+    hu: CT intensities in HU, any shape (numpy or jax).
+    config: an experiment config; the paper's [-250, 250] -> [-1, 1] when None.
+
+  Returns:
+    float32 array of the same shape and kind (numpy in, numpy out).
+  """
+  if config is None:
+    from munet_jax.config import base_config
+    config = base_config()
+  lo, hi = (float(v) for v in config.data.hu_window)
+  out_lo, out_hi = (float(v) for v in config.data.scaled_range)
+  xp = np if isinstance(hu, np.ndarray) else jnp
+  x = xp.clip(xp.asarray(hu, dtype=xp.float32), lo, hi)
+  return ((x - lo) * ((out_hi - out_lo) / (hi - lo)) + out_lo).astype(xp.float32)
