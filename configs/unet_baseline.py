@@ -1,0 +1,15 @@
+"""The conventional U-Net of Fig. 1a on LiTS: the lits config with both mU-Net changes off."""
+
+import importlib.util
+import os
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location(
+      "_lits", os.path.join(os.path.dirname(__file__), "lits.py"))
+  lits = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(lits)
+  c = lits.get_config()
+  c.model.odu_residual = False       # no object-dependent up-sampling residual path
+  c.model.skip_conv = False          # no convolution in the skip connection
+  return c

@@ -1,0 +1,54 @@
+"""The functional entry points of SPEC.md: `init` and `apply` from a config."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from munet_jax.models import from_config
+
+
+def init(rng: jax.Array, config: ml_collections.ConfigDict, image_size: int | None = None) -> dict:
+  """Model variables (`params`, `batch_stats`) for `config`.
+
+  Args:
+    rng: a JAX PRNG key.
+    config: an experiment config (its `model` section, and `data.image_size` for the
+      shape of the initialising batch; any size gives the same variables).
+    image_size: optional side of the dummy slice used to trace the model (small is fast).
+  """
+  size = image_size or 2 ** (len(config.model.features) - 1)
+  model = from_config(config)
+  dummy = jnp.zeros((1, size, size, 1), jnp.float32)
+  return dict(jax.jit(lambda key: model.init(key, dummy, train=False))(rng))
+
+
+def apply(variables: dict, images: jax.Array, config: ml_collections.ConfigDict,
+          train: bool = False, *, rng: jax.Array | None = None,
+          sample_mask: jax.Array | None = None) -> jax.Array:
+  """Logits for preprocessed slices.
+
+  Args:
+    variables: from `init` or `munet_jax.load`.
+    images: (N, H, W, 1) float, after `munet_jax.preprocess`; any H and W.
+    config: the experiment config the variables belong to.
+    train: dropout on and batch-norm statistics from this batch (needs `rng`); the
+      updated running statistics are not returned (the trainer keeps them).
+    rng: PRNG key for dropout when `train`.
+    sample_mask: optional (N,) bool; False rows are left out of batch statistics.
+
+  Returns:
+    (N, H, W, num_classes) float32 logits.
+  """
+  images = jnp.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 1:
+    raise ValueError(f"images must have shape (N, H, W, 1), got {images.shape}")
+  model = from_config(config)
+  if not train:
+    return model.apply(variables, images, train=False, sample_mask=sample_mask)
+  if rng is None:
+    raise ValueError("apply(train=True) needs rng for dropout")
+  logits, _ = model.apply(variables, images, train=True, sample_mask=sample_mask,
+                          rngs={"dropout": rng}, mutable=["batch_stats"])
+  return logits

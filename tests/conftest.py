@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny configs so the whole suite stays fast on two CPU cores."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+REAL_CT = os.path.join(SHARED, "data", "real_ct")
+
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from munet_jax.runtime import configure_jax  # noqa: E402
+
+configure_jax()
+
+
+def make_tiny_config():
+  """A three-stage mU-Net of widths 4/8/16 on 32x32 slices."""
+  from munet_jax.config import base_config
+  c = base_config()
+  c.model.features = (4, 8, 16)
+  c.data.image_size = 32
+  c.train.batch_size = 4
+  return c
+
+
+@pytest.fixture
+def tiny_config():
+  return make_tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_variables():
+  """Variables of `make_tiny_config()`'s model, initialised once per test session."""
+  import jax
+  import munet_jax
+  return munet_jax.init(jax.random.key(0), make_tiny_config())
