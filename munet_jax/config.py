@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 2
   c.data.prefetch = 4
   c.data.skip_bad = False
+  c.data.synthetic = ml_collections.ConfigDict()           # made at data.root when it has no cases
+  c.data.synthetic.cases = 0                               # 0: never generate
+  c.data.synthetic.size = 64
+  c.data.synthetic.slices = 24
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.enabled = False                           # off, as in the paper
   c.data.augment.flip = True
@@ -78,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss = "mse"                                     # on softmax probabilities
   c.train.log_every_steps = 50
   c.train.eval_every_steps = 5_000
+  c.train.final_eval_split = "test"                        # evaluated when training ends; "" for none
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1_000
@@ -170,6 +175,9 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.train.loss in LOSSES, "train.loss", f"must be one of {LOSSES}")
   need(c.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
   need(c.train.eval_every_steps >= 1, "train.eval_every_steps", "must be >= 1")
+  need(c.train.final_eval_split in ("", "train", "val", "test"), "train.final_eval_split",
+       "must be one of '', 'train', 'val', 'test'")
+  need(c.data.synthetic.cases >= 0, "data.synthetic.cases", "must be >= 0")
   need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   need(c.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -241,6 +249,25 @@ def apply_overrides(config: ml_collections.ConfigDict,
       expected = _field_type(schema, dotted)
       current = "" if expected is str else None
     node[leaf] = _parse_value(text, current)
+  config = validate(config)
+  config.lock()
+  return config
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+  """Rebuilds a validated config from `to_dict()` output (JSON turns tuples into lists)."""
+  config = ml_collections.ConfigDict(base_config().to_dict(), type_safe=False)
+
+  def assign(node, tree, prefix):
+    for key, value in tree.items():
+      if key not in node:
+        raise UserError(f"config key '{prefix}{key}' is unknown")
+      if isinstance(value, dict):
+        assign(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = tuple(value) if isinstance(value, list) else value
+
+  assign(config, values, "")
   config = validate(config)
   config.lock()
   return config

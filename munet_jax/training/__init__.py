@@ -1,0 +1,1 @@
+"""Training: losses, optimiser, sharded steps, checkpoints, and the loop that ties them."""

@@ -1,0 +1,226 @@
+"""The training loop: data -> sharded steps -> checkpoints -> validation -> report.
+
+`train_and_evaluate(config, workdir)` is all `train.py` calls. Steps are pure and jitted;
+everything with a side effect (files, signals, the progress bar) lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from munet_jax.errors import UserError
+from munet_jax.training import parallel
+from munet_jax.training.checkpointing import Checkpointer
+from munet_jax.training.reporting import MetricWriter, plot_curves
+from munet_jax.training.state import create_train_state, make_train_step, variables_of
+
+log = logging.getLogger(__name__)
+
+EXIT_DIVERGED = 3
+
+
+class Diverged(Exception):
+  """The loss stopped being finite."""
+
+
+class Interrupted(Exception):
+  """SIGTERM or Ctrl-C arrived; a checkpoint was saved."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"{signal.Signals(signum).name} at step {step}")
+    self.signum, self.step = signum, step
+
+
+class _SignalFlag:
+  """Turns SIGTERM and SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, handler in self._old.items():
+      signal.signal(s, handler)
+    return False
+
+
+def prepare_data(config: ml_collections.ConfigDict):
+  """Cases, patient splits and the slice store for `config.data`; makes synthetic data if asked."""
+  from munet_jax.data import discovery, splits, store
+  root = config.data.root
+  if config.data.synthetic.cases > 0 and not _has_cases(root):
+    from munet_jax.data import synthetic
+    if jax.process_index() == 0:
+      print(f"making {config.data.synthetic.cases} synthetic CT volumes in {root}", flush=True)
+      synthetic.write_dataset(root, config.data.synthetic.cases, config.data.synthetic.size,
+                              seed=config.seed, slices=config.data.synthetic.slices)
+    _sync("synthetic data")
+  cases = discovery.find_cases(root)
+  split = splits.split_cases(cases, config)
+  if not split["train"]:
+    raise UserError(f"{root}: the split leaves no training case")
+  cache_dir = config.data.cache_dir or os.path.join(root, ".munet_cache")
+  wanted = split["train"] + split["val"] + split["test"]
+  if jax.process_index() == 0:
+    slice_store = store.prepare_store(wanted, cache_dir, skip_bad=config.data.skip_bad)
+  _sync("slice store")
+  if jax.process_index() != 0:
+    slice_store = store.prepare_store(wanted, cache_dir, skip_bad=config.data.skip_bad)
+  return split, slice_store
+
+
+def _has_cases(root: str) -> bool:
+  from munet_jax.data import discovery
+  if not os.path.isdir(root):
+    return False
+  try:
+    return bool(discovery.find_cases(root))
+  except UserError:
+    return False
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def evaluate_split(variables, config, slice_store, names, progress=False) -> list[dict]:
+  """Segments whole volumes of the store and scores them (3-D metrics per volume)."""
+  from munet_jax.evaluation import score_case
+  from munet_jax.inference import segment_volume
+  entries = []
+  for name in tqdm(names, desc="evaluate", unit="volume", disable=not progress, leave=False):
+    hu, ref, spacing = slice_store.volume(name)
+    pred = segment_volume(variables, config, hu)
+    entries.append(score_case(name, pred, ref, spacing, config.eval.small_lesion_mm))
+  return entries
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns final results."""
+  os.makedirs(workdir, exist_ok=True)
+  lead = jax.process_index() == 0
+  split, slice_store = prepare_data(config)
+
+  mesh = parallel.make_mesh()
+  padded = parallel.padded_batch_size(config.train.batch_size, mesh.devices.size)
+  state = create_train_state(config, jax.random.key(config.seed))
+  state = jax.device_put(state, parallel.replicated(mesh))
+  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
+  restored = ckpt.restore_latest(state)
+  data_state = None
+  if restored is not None:
+    start_step, state, data_state = restored
+    if lead:
+      print(f"resuming from checkpoint at step {start_step}", flush=True)
+  start = int(state.step)
+
+  from munet_jax.data.pipeline import make_train_iterator
+  iterator = make_train_iterator(slice_store, config, names=[c.name for c in split["train"]],
+                                 global_batch=config.train.batch_size, padded_batch=padded,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  if data_state is not None:
+    iterator.set_state(data_state)
+
+  step_fn = jax.jit(make_train_step(config), donate_argnums=0,
+                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+  writer = MetricWriter(workdir, enabled=lead)
+  val_names = [c.name for c in split["val"]]
+  total = config.train.steps
+  bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not lead,
+             dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 10.0)
+  last_saved = start if restored is not None else None
+  t_last, step_last = time.perf_counter(), start
+
+  def save(step, metrics=None):
+    nonlocal last_saved
+    ckpt.save(step, state, iterator.get_state(), config, metrics=metrics)
+    last_saved = step
+
+  try:
+    with _SignalFlag() as flag:
+      for step in range(start, total):
+        batch = parallel.global_batch_from_local(next(iterator), mesh)
+        state, metrics = step_fn(state, batch)
+        done = step + 1
+        loss = float(metrics["loss"])   # waits for this step: keeps NaN out of checkpoints
+        if not math.isfinite(loss):
+          raise Diverged(f"loss is {loss} at step {done}; the last good checkpoint is "
+                         f"{'step ' + str(last_saved) if last_saved is not None else 'none'}")
+        if done % config.train.log_every_steps == 0 or done == total:
+          now = time.perf_counter()
+          rate = (done - step_last) * config.train.batch_size / max(now - t_last, 1e-9)
+          t_last, step_last = now, done
+          values = {k: float(v) for k, v in metrics.items()}
+          values["slices_per_second"] = rate
+          writer.write(done, values)
+          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['learning_rate']:.2e}",
+                          slices_s=f"{rate:.1f}", refresh=False)
+        bar.update(1)
+        evaluate_now = val_names and (done % config.train.eval_every_steps == 0 or done == total)
+        if evaluate_now:
+          entries = evaluate_split(variables_of(state), config, slice_store, val_names)
+          from munet_jax.evaluation import summarize
+          summary = summarize(entries)
+          val = {f"{t}_{m}": summary[t][m]["mean"] for t in ("liver", "tumor")
+                 for m in ("dsc", "assd")}
+          val = {k: (v if v is not None else float("nan")) for k, v in val.items()}
+          writer.write(done, val, prefix="val")
+          bar.write(f"step {done}: validation liver DSC {val['liver_dsc']:.4f}, "
+                    f"tumour DSC {val['tumor_dsc']:.4f}")
+          liver = val["liver_dsc"]
+          save(done, {"liver_dsc": liver if math.isfinite(liver) else -1.0})
+        elif done % config.checkpoint.every_steps == 0 or done == total:
+          save(done)
+        if flag.signum is not None:
+          if last_saved != done:
+            save(done)
+          ckpt.wait()
+          raise Interrupted(flag.signum, done)
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if lead:
+      plot_curves(workdir)
+
+  return final_evaluation(variables_of(state), config, split, slice_store, workdir)
+
+
+def final_evaluation(variables, config, split, slice_store, workdir) -> dict | None:
+  """Scores `train.final_eval_split`, writes workdir/eval/results.json, prints the table."""
+  name = config.train.final_eval_split
+  if not name or not split[name] or jax.process_index() != 0:
+    return None
+  from munet_jax.evaluation import format_table, results, write_json
+  entries = evaluate_split(variables, config, slice_store, [c.name for c in split[name]],
+                           progress=True)
+  document = results(entries)
+  path = os.path.join(workdir, "eval", "results.json")
+  write_json(path, document)
+  print(f"\n{name} split, {len(entries)} volumes (results in {path}):")
+  print(format_table(document), flush=True)
+  return document

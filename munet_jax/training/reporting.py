@@ -1,0 +1,89 @@
+"""What a user watches: `metrics.jsonl`, TensorBoard event files, a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+class MetricWriter:
+  """Appends {'step', name: value...} rows to `workdir/metrics.jsonl` and TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, values: dict, prefix: str = "train") -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    for name, value in values.items():
+      value = float(value)
+      row[f"{prefix}/{name}"] = value if math.isfinite(value) else None
+      self._tb.add_scalar(f"{prefix}/{name}", value, int(step))
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        line = line.strip()
+        if line:
+          try:
+            rows.append(json.loads(line))
+          except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+  return rows
+
+
+def plot_curves(workdir: str) -> str | None:
+  """Writes `workdir/training_curves.png` (loss, learning rate, validation DSC); its path."""
+  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  def series(name):
+    pts = sorted({r["step"]: r[name] for r in rows if r.get(name) is not None}.items())
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+  panels = [("train/loss", "training loss", True), ("train/learning_rate", "learning rate", False),
+            ("val/liver_dsc", "validation DSC", False)]
+  panels = [p for p in panels if len(series(p[0])[0])]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+  for ax, (name, title, log_scale) in zip(axes[0], panels):
+    x, y = series(name)
+    ax.plot(x, y, marker="." if len(x) < 30 else None)
+    if name == "val/liver_dsc":
+      xt, yt = series("val/tumor_dsc")
+      if len(xt):
+        ax.plot(xt, yt, marker="." if len(xt) < 30 else None)
+        ax.legend(["liver", "tumour"])
+    if log_scale and np.all(y > 0):
+      ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(workdir, "training_curves.png")
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
