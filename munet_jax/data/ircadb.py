@@ -53,7 +53,7 @@ class _File:
 class _Slice:
   position: float     # mm along the slice normal
   origin: np.ndarray  # ImagePositionPatient, LPS mm
-  pixels: np.ndarray  # (Rows, Columns) float64 after rescale
+  pixels: np.ndarray  # (Rows, Columns) float32 after rescale
   name: str           # for messages
   key: str            # path inside PATIENT_DICOM or MASKS_DICOM/<organ>
 
@@ -97,7 +97,7 @@ def _tree(patient: str, part: str) -> dict[str, _File]:
 
 
 def _read_slice(f: _File, rescale: bool = True):
-  """Reads one DICOM slice; returns (dataset, (Rows, Columns) float64 pixels).
+  """Reads one DICOM slice; returns (dataset, (Rows, Columns) float32 pixels).
 
   With `rescale`, pixels are RescaleSlope * stored + RescaleIntercept (HU for CT). Masks
   are read without it: some carry the CT's intercept, which would turn 0 / 255 into
@@ -107,7 +107,7 @@ def _read_slice(f: _File, rescale: bool = True):
     ds = pydicom.dcmread(f.open(), force=True)
     if "PixelData" not in ds:
       raise ValueError("no pixel data")
-    pixels = ds.pixel_array.astype(np.float64)
+    pixels = ds.pixel_array.astype(np.float32)  # exact for 16-bit stored values
   except Exception as e:  # pydicom raises many types for broken files
     raise UserError(f"{f.name}: not a readable DICOM image ({_reason(e)})") from e
   if pixels.ndim != 2:
@@ -116,7 +116,7 @@ def _read_slice(f: _File, rescale: bool = True):
     return ds, pixels
   slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
   intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-  return ds, pixels * slope + intercept
+  return ds, pixels * np.float32(slope) + np.float32(intercept)
 
 
 def _read_series(files: dict[str, _File], what: str):
@@ -134,7 +134,7 @@ def _read_series(files: dict[str, _File], what: str):
         raise UserError(f"{f.name}: DICOM tag {tag} is missing; cannot place the slice")
     iop = np.array([float(v) for v in ds.ImageOrientationPatient])
     spacing = np.array([float(v) for v in ds.PixelSpacing])  # (between rows, between columns)
-    this = (iop, spacing, pixels.shape)
+    this = (iop, spacing, pixels.shape, float(ds.get("SliceThickness", 1.0) or 1.0))
     if geometry is None:
       geometry = this
     elif (not np.allclose(iop, geometry[0], atol=1e-4) or
@@ -154,11 +154,11 @@ def _read_series(files: dict[str, _File], what: str):
   if gaps.size and np.ptp(gaps) > SPACING_TOLERANCE * np.median(gaps):
     raise UserError(f"{slices[0].name}: slices of the {what} series are not evenly spaced "
                     f"(gaps {gaps.min():.3f}-{gaps.max():.3f} mm); cannot write one affine")
-  iop, spacing, _ = geometry
+  iop, spacing, _, thickness = geometry
   if len(slices) > 1:
     step = (slices[-1].origin - slices[0].origin) / (len(slices) - 1)  # follows any tilt
   else:
-    step = np.cross(iop[:3], iop[3:]) * 1.0
+    step = np.cross(iop[:3], iop[3:]) * thickness
   affine = np.eye(4)
   affine[:3, 0] = iop[:3] * spacing[1]   # along a row: column index, axis 0
   affine[:3, 1] = iop[3:] * spacing[0]   # down a column: row index, axis 1
