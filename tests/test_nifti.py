@@ -210,3 +210,12 @@ def test_to_ras_puts_superior_last_and_ras_spacing_follows():
 def test_real_ct_is_already_ras():
   vol = nifti.read_image(REAL_CT)
   np.testing.assert_array_equal(nifti.to_ras(vol.data, vol.affine), vol.data)
+
+
+def test_unreadable_file_is_reported_as_permission_denied(tmp_path, monkeypatch):
+  # As root, chmod 0 does not stop reading, so the permission check is faked here;
+  # tests/test_check.py tries the real thing when not running as root.
+  path = _save(tmp_path / "v.nii.gz", np.zeros((2, 2, 2), np.int16))
+  monkeypatch.setattr(os, "access", lambda p, mode: False)
+  with pytest.raises(UserError, match="v.nii.gz: permission denied"):
+    nifti.read_image(path)

@@ -8,9 +8,12 @@ which is how the slice pipeline sees every volume whatever its orientation on di
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import secrets
+import threading
 from typing import Any
 
 import nibabel as nib
@@ -65,9 +68,13 @@ def _load(path) -> tuple[nib.Nifti1Image, np.ndarray]:
   if not os.access(path, os.R_OK):
     _fail(path, "permission denied (file is not readable)")
   try:
-    img = nib.load(path)
+    with _nibabel_messages() as messages:
+      img = nib.load(path)
   except Exception as e:  # nibabel raises many types for garbage; all mean "not NIfTI"
     _fail(path, f"not a readable NIfTI file ({_reason(e)})")
+  if any("should be non-zero" in m and "pixdim" in m for m in messages):
+    # nibabel would quietly substitute 1 mm; distances in mm would then be made up.
+    _fail(path, "header voxel size (pixdim) is zero, so the geometry is unknown")
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     _fail(path, f"not a NIfTI file (read as {type(img).__name__})")
   shape = img.shape
@@ -85,6 +92,35 @@ def _load(path) -> tuple[nib.Nifti1Image, np.ndarray]:
   except Exception as e:  # truncated or corrupt data section
     _fail(path, f"cannot read voxel data, file truncated or corrupt ({_reason(e)})")
   return img, data.reshape(shape[:3])  # drops trailing singleton dimensions
+
+
+_NIBABEL_LOG_LOCK = threading.Lock()
+
+
+class _Collect(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _nibabel_messages():
+  """Collects the header fixes nibabel logs while loading, instead of printing them.
+
+  Tools promise one stderr line per error; nibabel would add its own lines.
+  """
+  logger = nib.imageglobals.logger
+  handler = _Collect()
+  with _NIBABEL_LOG_LOCK:
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    try:
+      yield handler.messages
+    finally:
+      logger.handlers, logger.propagate = saved
 
 
 def _reason(e: BaseException) -> str:
