@@ -52,7 +52,8 @@ def _text(path, content=b"this is not a NIfTI file\n"):
 # Each builder makes a bad data root and returns (root, the name the message must hold).
 def truncated_gz(root):
   _good(root)
-  path = _nii(os.path.join(root, "volume-1.nii.gz"), np.arange(4096, dtype=np.int16).reshape(16, 16, 16))
+  data = np.arange(4096, dtype=np.int16).reshape(16, 16, 16)
+  path = _nii(os.path.join(root, "volume-1.nii.gz"), data)
   _nii(os.path.join(root, "segmentation-1.nii.gz"), _label((16, 16, 16)))
   data = open(path, "rb").read()
   _text(path, data[: len(data) // 2])

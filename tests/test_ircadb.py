@@ -28,7 +28,8 @@ def _write_slice(path, pixels, z_index, iop=(1, 0, 0, 0, 1, 0), position=True, i
   meta.MediaStorageSOPInstanceUID = generate_uid()
   meta.TransferSyntaxUID = ExplicitVRLittleEndian
   ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-  ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
+  ds.SOPClassUID, ds.Modality = CTImageStorage, "CT"
+  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
   ds.Rows, ds.Columns = pixels.shape
   ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
   ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0

@@ -165,7 +165,7 @@ def read_image(path) -> Volume:
     if bad:
       _fail(path, f"image holds {bad} NaN or infinite values")
   elif data.dtype.kind not in "iub":
-    _fail(path, f"voxel type {data.dtype} is not a number")
+    _fail(path, f"voxel type {data.dtype} is not supported (expected integer or real values)")
   return Volume(data=data, affine=np.array(img.affine, np.float64), path=os.fspath(path),
                 header=img.header)
 
@@ -188,7 +188,7 @@ def read_label(path, like: Volume | None = None) -> Volume:
   img, data = _load(path)
   path = os.fspath(path)
   if data.dtype.kind not in "iubf":
-    _fail(path, f"voxel type {data.dtype} is not a number")
+    _fail(path, f"voxel type {data.dtype} is not supported (expected integer or real values)")
   # min / max first: a full np.unique of a 512x512x900 volume costs seconds.
   lo, hi = (data.min(), data.max())
   integral = data.dtype.kind != "f" or bool(np.all(np.mod(data, 1) == 0))
@@ -297,7 +297,7 @@ def _remove_quietly(path: str) -> None:
 
 
 def to_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-  """Reorients a voxel array to RAS: axis 0 left->Right, 1 posterior->Anterior, 2 inferior->Superior.
+  """Reorients a voxel array to RAS: axes 0, 1, 2 run towards Right, Anterior, Superior.
 
   Only axis permutations and flips (the closest to the affine's direction cosines), no
   resampling. Axes beyond the third (e.g. channels) are carried along.
