@@ -219,3 +219,21 @@ def test_unreadable_file_is_reported_as_permission_denied(tmp_path, monkeypatch)
   monkeypatch.setattr(os, "access", lambda p, mode: False)
   with pytest.raises(UserError, match="v.nii.gz: permission denied"):
     nifti.read_image(path)
+
+
+def test_big_endian_file_reads_in_native_byte_order(tmp_path):
+  data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+  img = nib.Nifti1Image(data, np.eye(4), header=nib.Nifti1Header(endianness=">"))
+  img.set_data_dtype(np.int16)
+  nib.save(img, tmp_path / "be.nii")
+  vol = nifti.read_image(tmp_path / "be.nii")
+  assert vol.data.dtype == np.int16 and vol.data.dtype.isnative
+  np.testing.assert_array_equal(vol.data, data)
+
+
+def test_truncated_uncompressed_file_is_rejected(tmp_path):
+  path = _save(tmp_path / "t.nii", np.zeros((16, 16, 16), np.int16))
+  content = open(path, "rb").read()
+  open(path, "wb").write(content[: len(content) // 2])
+  with pytest.raises(UserError, match="t.nii: cannot read voxel data"):
+    nifti.read_image(path)

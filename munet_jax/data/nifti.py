@@ -132,6 +132,8 @@ def _read_array(img) -> np.ndarray:
   """The voxel values, scaled by scl_slope / scl_inter without inflating to float64."""
   proxy = img.dataobj
   raw = np.asarray(proxy.get_unscaled())
+  if not raw.dtype.isnative:  # big-endian files: JAX and most numpy code want native order
+    raw = raw.astype(raw.dtype.newbyteorder("="))
   slope, inter = float(proxy.slope), float(proxy.inter)
   if slope == 1.0 and inter == 0.0:
     return raw
