@@ -16,7 +16,7 @@ import numpy as np
 import tqdm
 
 from munet_jax.data import discovery, nifti
-from munet_jax.errors import run_cli
+from munet_jax.errors import UserError, run_cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Summary:
 
 def check_cases(cases: Sequence[discovery.Case], progress: bool = False) -> Summary:
   """Reads every image and label with validation; raises `UserError` on the first bad one."""
+  if not cases:
+    raise UserError("no cases to check")
   in_plane, thick = [], []
   labelled = tumour = voxels = 0
   for case in tqdm.tqdm(cases, desc="checking", unit="case", disable=not progress):
