@@ -1,0 +1,124 @@
+"""munet_jax.data.synthetic: deterministic, CT-like, labels that make sense."""
+
+import os
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from munet_jax.data import discovery, nifti, synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo_cases():
+  """Twelve 64 x 64 x 24 cases, the size the training demo uses."""
+  return [synthetic.make_case(np.random.default_rng([0, i]), 64, 24) for i in range(12)]
+
+
+def test_case_shapes_dtypes_and_label_values(demo_cases):
+  for hu, labels, affine in demo_cases:
+    assert hu.shape == labels.shape == (64, 64, 24)
+    assert hu.dtype == np.int16 and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    assert affine.shape == (4, 4)
+
+
+def test_intensities_are_ct_like(demo_cases):
+  for hu, labels, affine in demo_cases:
+    ras = nifti.to_ras(hu, affine)
+    assert np.median(ras[:3, :3]) < -900          # air in the corners
+    liver = hu[labels == 1]
+    assert 40 < np.median(liver) < 120            # liver 50-105 HU plus noise
+    assert hu.max() > 300                         # bone
+
+
+def test_every_tumour_lies_in_a_liver(demo_cases):
+  for _, labels, _ in demo_cases:
+    regions, n = ndimage.label(labels > 0)
+    for i in range(1, n + 1):
+      values = set(np.unique(labels[regions == i]))
+      assert values != {2}, "a tumour with no liver around it"
+    assert np.count_nonzero(labels == 2) < np.count_nonzero(labels > 0) / 2
+
+
+def test_small_and_large_tumours_are_present(demo_cases):
+  volumes_ml = []
+  for _, labels, affine in demo_cases:
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
+    regions, n = ndimage.label(labels == 2)
+    volumes_ml += list(np.bincount(regions.ravel())[1:] * voxel_ml)
+  assert len(volumes_ml) >= 12
+  assert min(volumes_ml) < 1.0        # a lesion about 1 cm across or less
+  assert max(volumes_ml) > 30.0       # and one of several cm
+
+
+def test_orientations_vary(demo_cases):
+  codes = {nib.aff2axcodes(affine) for _, _, affine in demo_cases}
+  assert ("L", "P", "S") in codes and ("R", "A", "S") in codes
+
+
+def test_the_liver_is_on_the_patients_right(demo_cases):
+  for hu, labels, affine in demo_cases:
+    ras = nifti.to_ras(labels, affine)
+    x_centre = np.argwhere(ras == 1)[:, 0].mean()
+    assert x_centre > ras.shape[0] / 2  # RAS: larger x is further right
+
+
+def test_same_seed_same_files_and_other_seed_other_files(tmp_path):
+  a = synthetic.write_dataset(tmp_path / "a", cases=2, size=32, seed=5, slices=8,
+                              progress=False)
+  b = synthetic.write_dataset(tmp_path / "b", cases=2, size=32, seed=5, slices=8,
+                              progress=False)
+  c = synthetic.write_dataset(tmp_path / "c", cases=2, size=32, seed=6, slices=8,
+                              progress=False)
+  for (ia, la), (ib, lb), (ic, _) in zip(a, b, c):
+    assert open(ia, "rb").read() == open(ib, "rb").read()
+    assert open(la, "rb").read() == open(lb, "rb").read()
+    assert open(ia, "rb").read() != open(ic, "rb").read()
+
+
+def test_written_data_set_is_lits_layout_on_one_grid(tmp_path):
+  synthetic.write_dataset(tmp_path, cases=3, size=32, seed=0, slices=8, progress=False)
+  cases = discovery.find_cases(tmp_path)
+  assert [c.name for c in cases] == ["volume-0", "volume-1", "volume-2"]
+  for case in cases:
+    image = nifti.read_image(case.image)
+    nifti.read_label(case.label, like=image)
+
+
+def test_default_slices_follow_a_1_to_5_mm_thickness():
+  hu, _, affine = synthetic.make_case(np.random.default_rng(1), 32)
+  thickness = abs(affine[2, 2])
+  assert 1.0 <= thickness <= 5.0
+  assert 150 <= thickness * hu.shape[2] <= 240
+
+
+def test_demo_size_data_set_is_fast(tmp_path):
+  start = time.perf_counter()
+  synthetic.write_dataset(tmp_path, cases=12, size=64, seed=0, slices=24, progress=False)
+  assert time.perf_counter() - start < 10.0
+
+
+def test_command_line(tmp_path):
+  run = subprocess.run(
+      [sys.executable, "-m", "munet_jax.data.synthetic", "--out", str(tmp_path), "--cases", "2",
+       "--size", "24", "--slices", "6", "--seed", "3"],
+      capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+  assert run.returncode == 0, run.stderr
+  assert sorted(os.listdir(tmp_path)) == ["segmentation-0.nii.gz", "segmentation-1.nii.gz",
+                                          "synthetic.json", "volume-0.nii.gz",
+                                          "volume-1.nii.gz"]
+
+
+def test_command_line_rejects_a_tiny_size(tmp_path):
+  run = subprocess.run(
+      [sys.executable, "-m", "munet_jax.data.synthetic", "--out", str(tmp_path), "--size", "4"],
+      capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+  assert run.returncode == 2
+  assert run.stderr.strip() == "error: --size must be >= 16, got 4"
