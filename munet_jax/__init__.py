@@ -4,11 +4,31 @@ The public API (SPEC.md):
   init(rng, config) -> variables
   apply(variables, images, config, train=False) -> logits (N, H, W, num_classes)
   preprocess(hu, config=None) -> the HU window and scaling of the config
+  load(workdir, which="latest") -> (config, variables) from a training run's checkpoint
+  metrics.segmentation_metrics(pred, ref, spacing) -> DSC, VOE, RVD, ASSD, MSSD, RMSD
+
+Attributes are imported on first use, so that command-line tools which never touch JAX
+(the data checker, the converters) start quickly.
 """
 
-from munet_jax.api import apply, init
-from munet_jax.config import base_config
-from munet_jax.preprocessing import preprocess
+import importlib
 
-__all__ = ["apply", "base_config", "init", "preprocess"]
 __version__ = "0.1.0"
+__all__ = ["apply", "base_config", "init", "load", "metrics", "preprocess"]
+
+_LAZY = {
+    "apply": ("munet_jax.api", "apply"),
+    "init": ("munet_jax.api", "init"),
+    "load": ("munet_jax.api", "load"),
+    "base_config": ("munet_jax.config", "base_config"),
+    "preprocess": ("munet_jax.preprocessing", "preprocess"),
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)
+  if name == "metrics":
+    return importlib.import_module("munet_jax.metrics")
+  raise AttributeError(f"module 'munet_jax' has no attribute '{name}'")

@@ -52,3 +52,14 @@ def apply(variables: dict, images: jax.Array, config: ml_collections.ConfigDict,
   logits, _ = model.apply(variables, images, train=True, sample_mask=sample_mask,
                           rngs={"dropout": rng}, mutable=["batch_stats"])
   return logits
+
+
+def load(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, variables) from the newest ('latest') or best-validated ('best') checkpoint.
+
+  A damaged newest checkpoint falls back to the previous complete one with a warning;
+  a missing or wholly damaged run is a `UserError` naming the folder.
+  """
+  from munet_jax.training.checkpointing import load_variables
+  config, variables, _ = load_variables(workdir, which)
+  return config, variables

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ml_collections
 import numpy as np
-import jax.numpy as jnp
 
 
 def preprocess(hu, config: ml_collections.ConfigDict | None = None):
@@ -22,6 +21,9 @@ def preprocess(hu, config: ml_collections.ConfigDict | None = None):
     config = base_config()
   lo, hi = (float(v) for v in config.data.hu_window)
   out_lo, out_hi = (float(v) for v in config.data.scaled_range)
-  xp = np if isinstance(hu, np.ndarray) else jnp
+  if isinstance(hu, np.ndarray):
+    xp = np
+  else:
+    import jax.numpy as xp  # only for JAX inputs: numpy callers need not import JAX
   x = xp.clip(xp.asarray(hu, dtype=xp.float32), lo, hi)
   return ((x - lo) * ((out_hi - out_lo) / (hi - lo)) + out_lo).astype(xp.float32)
