@@ -42,21 +42,33 @@ class Checkpointer:
         create=not read_only, read_only=read_only)
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "config"))
+                                         item_names=("state", "data", "config", "metrics"))
 
   def save(self, step: int, state: Any, data_state: dict, config: ml_collections.ConfigDict,
            metrics: dict | None = None) -> bool:
     """Starts an asynchronous save; returns at once. Metrics rank the 'best' checkpoint."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state),
-                              config=ocp.args.JsonSave(config.to_dict()))
+                              config=ocp.args.JsonSave(config.to_dict()),
+                              metrics=ocp.args.JsonSave(metrics or {}))
     return self.manager.save(step, args=args, metrics=metrics, force=True)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   def best_step(self) -> int | None:
-    return self.manager.best_step()
+    """The step with the highest validation liver DSC among those kept; None if none has one."""
+    best, best_value = None, None
+    for step in self.steps():
+      try:
+        metrics = self.manager.restore(step, args=ocp.args.Composite(
+            metrics=ocp.args.JsonRestore())).metrics or {}
+      except Exception:  # damaged or without metrics
+        continue
+      value = metrics.get(BEST_METRIC)
+      if value is not None and (best_value is None or value > best_value):
+        best, best_value = step, value
+    return best
 
   def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
     """The state (shaped and sharded like `target_state`) and data state of `step`."""

@@ -1,0 +1,82 @@
+"""`train.py`: flags in, `train_and_evaluate` out, with the exit statuses users script on.
+
+Exit status: 0 done; 2 a user error (one line on stderr); 3 the loss stopped being
+finite (the last good checkpoint is kept); 130 / 143 stopped by Ctrl-C / SIGTERM after
+saving a checkpoint: rerun the same command to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from munet_jax.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise UserError(f"train.py: {message}")
+
+
+def parse_args(argv: Sequence[str]):
+  parser = _Parser(prog="train.py", description="Train mU-Net on a CT data set.")
+  parser.add_argument("--config", required=True, help="an ml_collections config file")
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics and results")
+  parser.add_argument("--coordinator", help="multi-host: host:port of process 0 "
+                      "(automatic on SLURM and Cloud TPU)")
+  parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+  parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
+  parser.add_argument("--local-devices", help="multi-host: comma-separated local device ids")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      raise UserError(f"train.py: unrecognised argument '{item}'")
+    overrides.append(item[len("--config."):])
+  return args, overrides
+
+
+def initialize_distributed(args) -> None:
+  """Starts JAX's multi-process runtime: from flags, or from SLURM / TPU when they set it."""
+  import jax
+  explicit = args.coordinator is not None or args.num_processes is not None
+  if explicit:
+    if args.coordinator is None or args.num_processes is None or args.process_id is None:
+      raise UserError("train.py: --coordinator, --num-processes and --process-id go together")
+    local = None
+    if args.local_devices:
+      local = [int(d) for d in args.local_devices.split(",")]
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               local_device_ids=local)
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+  elif "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
+    jax.distributed.initialize()
+
+
+def main(argv: Sequence[str]) -> int:
+  from munet_jax.config import apply_overrides, load_config_file
+  args, overrides = parse_args(argv)
+  config = load_config_file(args.config)
+  if overrides:
+    config = apply_overrides(config, overrides)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+  for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  initialize_distributed(args)
+  from munet_jax.runtime import configure_jax
+  configure_jax()
+  from munet_jax.training import loop
+  try:
+    loop.train_and_evaluate(config, args.workdir)
+  except loop.Diverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return loop.EXIT_DIVERGED
+  except loop.Interrupted as e:
+    print(f"stopped by {e}; checkpoint saved at step {e.step}. "
+          f"Rerun the same command to resume.", file=sys.stderr)
+    return 128 + int(e.signum)
+  return 0
