@@ -170,3 +170,30 @@ def test_same_trajectory_on_1_2_3_4_and_8_devices(tmp_path):
   for n in finals:
     # Adam amplifies rounding in near-zero gradients; one step moves a weight by ~lr=1e-3.
     assert np.abs(finals[n] - finals["1"]).max() < 2e-4, n
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_the_single_process_run(tmp_path):
+  script = os.path.join(ROOT, "tests", "helpers", "multiprocess_trajectory.py")
+  single = subprocess.run([sys.executable, script, str(tmp_path / "one.npz")],
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-2000:]
+  coordinator = f"localhost:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, script, str(tmp_path / f"two{i}.npz"), coordinator,
+                             "2", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+  one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two0.npz")
+  assert int(two["devices"]) == 2
+  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+  diff = np.abs(two["params"] - one["params"])
+  assert diff.max() < 1e-3 and np.mean(diff > 1e-5) < 0.05  # float rounding, through Adam

@@ -111,9 +111,12 @@ def evaluate_split(variables, config, slice_store, names, progress=False) -> lis
   from munet_jax.inference import segment_volume
   entries = []
   for name in tqdm(names, desc="evaluate", unit="volume", disable=not progress, leave=False):
-    hu, ref, spacing = slice_store.volume(name)
-    pred = segment_volume(variables, config, hu)
-    entries.append(score_case(name, pred, ref, spacing, config.eval.small_lesion_mm))
+    hu, ref = slice_store.volume(name)                 # (Z, H, W), RAS
+    sz, sh, sw = slice_store.info(name).spacing
+    hu, ref = np.moveaxis(hu, 0, -1), np.moveaxis(ref, 0, -1)   # slices last: (H, W, Z)
+    pred = segment_volume(variables, config, np.asarray(hu))
+    entries.append(score_case(name, pred, np.asarray(ref), (sh, sw, sz),
+                              config.eval.small_lesion_mm))
   return entries
 
 

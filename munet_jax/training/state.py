@@ -54,7 +54,7 @@ def make_train_step(config: ml_collections.ConfigDict) -> Callable:
     (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss": loss, "learning_rate": schedule(state.step),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return step
