@@ -86,6 +86,9 @@ def prepare_data(config: ml_collections.ConfigDict):
   _sync("slice store")
   if jax.process_index() != 0:
     slice_store = store.prepare_store(wanted, cache_dir, skip_bad=config.data.skip_bad)
+  if slice_store.skipped and jax.process_index() == 0:
+    for name, reason in slice_store.skipped:
+      print(f"skipped {name}: {reason}", file=sys.stderr)
   return split, slice_store
 
 
@@ -109,6 +112,8 @@ def evaluate_split(variables, config, slice_store, names, progress=False) -> lis
   """Segments whole volumes of the store and scores them (3-D metrics per volume)."""
   from munet_jax.evaluation import score_case
   from munet_jax.inference import segment_volume
+  stored = {v.name for v in slice_store.volumes}
+  names = [n for n in names if n in stored]   # cases skipped as bad are left out
   entries = []
   for name in tqdm(names, desc="evaluate", unit="volume", disable=not progress, leave=False):
     hu, ref = slice_store.volume(name)                 # (Z, H, W), RAS
@@ -140,17 +145,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   start = int(state.step)
 
   from munet_jax.data.pipeline import make_train_iterator
-  iterator = make_train_iterator(slice_store, config, names=[c.name for c in split["train"]],
-                                 global_batch=config.train.batch_size, padded_batch=padded,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+  from munet_jax.data.store import open_store
+  stored = {v.name for v in slice_store.volumes}
+  train_store = open_store(slice_store.cache_dir,
+                           names=[c.name for c in split["train"] if c.name in stored])
+  iterator = make_train_iterator(train_store, config, global_batch=config.train.batch_size,
+                                 padded_batch=padded, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), start_step=start)
   if data_state is not None:
     iterator.set_state(data_state)
 
   step_fn = jax.jit(make_train_step(config), donate_argnums=0,
                     out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
   writer = MetricWriter(workdir, enabled=lead)
-  val_names = [c.name for c in split["val"]]
+  val_names = [c.name for c in split["val"] if c.name in stored]
   total = config.train.steps
   bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not lead,
              dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 10.0)
@@ -203,6 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           ckpt.wait()
           raise Interrupted(flag.signum, done)
   finally:
+    iterator.close()
     bar.close()
     ckpt.wait()
     ckpt.close()
