@@ -240,7 +240,7 @@ def prepare_store(cases: Sequence[Case], cache_dir, skip_bad: bool = False,
         if not skip_bad:
           raise
         reason = " ".join(str(e).split())
-        log.warning("skipping %s: %s", case.name, reason)
+        log.info("skipping %s: %s", case.name, reason)   # callers report `skipped`
         skipped.append((case.name, reason))
         entries.pop(case.name, None)
         failed[case.name] = {"fingerprint": prints[case.name], "reason": reason}
