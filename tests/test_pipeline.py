@@ -1,0 +1,285 @@
+"""Training batches: content, padding, sharding over processes, resume, sampling, augmentation.
+
+The test volumes encode each slice's identity in its voxels (HU = 100 * volume + z on
+a ring of the slice), so a delivered row can be traced to the stored slice it came from.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from munet_jax import preprocess
+from munet_jax.data import discovery, nifti, pipeline, store
+from munet_jax.errors import UserError
+
+S = 24
+# (X, Y, Z) per volume: cropped in X, padded in Y, exact, ...
+SHAPES = [(28, 20, 7), (24, 24, 5), (18, 30, 6)]
+
+
+def _make_volume(v, shape):
+  x, y, z = shape
+  hu = np.full(shape, -50, np.int16)
+  hu += (100 * v + np.arange(z, dtype=np.int16))[None, None, :]
+  labels = np.zeros(shape, np.uint8)
+  cx, cy = x // 2, y // 2
+  labels[cx - 4:cx + 4, cy - 4:cy + 4, 1:z - 1] = 1          # liver on inner slices
+  labels[cx - 1:cx + 2, cy - 1:cy + 2, 2:3] = 2              # tumour on slice 2 only
+  hu[labels == 1] = 300 + 100 * v
+  hu[labels == 2] = 900 + 100 * v
+  hu += (100 * v + np.arange(z, dtype=np.int16))[None, None, :] * (labels > 0)
+  return hu, labels
+
+
+@pytest.fixture(scope="module")
+def train_store(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("pipe") / "data")
+  for v, shape in enumerate(SHAPES):
+    hu, labels = _make_volume(v, shape)
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    nifti.write_image(os.path.join(root, f"volume-{v}.nii.gz"), hu, affine)
+    nifti.write_image(os.path.join(root, f"segmentation-{v}.nii.gz"), labels, affine)
+  cache = store.default_cache_dir(root)
+  store.prepare_store(discovery.find_cases(root), cache)
+  return store.open_store(cache)
+
+
+def _config(**data):
+  c = make_tiny_config()
+  c.data.image_size = S
+  c.data.num_workers = 0
+  c.data.prefetch = 2
+  for k, v in data.items():
+    if k.startswith("augment_"):
+      c.data.augment[k[len("augment_"):]] = v
+    else:
+      c.data[k] = v
+  return c
+
+
+def _iterator(st, config, batch=5, padded=6, p=0, n=1, start=0, **kw):
+  return pipeline.make_train_iterator(st, config, global_batch=batch, padded_batch=padded,
+                                      process_index=p, process_count=n, start_step=start, **kw)
+
+
+def _take(it, steps):
+  try:
+    return [next(it) for _ in range(steps)]
+  finally:
+    it.close()
+
+
+def _expected_slice(st, volume, z):
+  """The stored slice centre-cropped / padded to S x S, by hand."""
+  hu, labels = st.volume(st.names[volume])
+  out_hu = np.full((S, S), pipeline.PAD_HU, np.int16)
+  out_lab = np.zeros((S, S), np.int32)
+  nx, ny = hu.shape[1:]
+  def cut(n):
+    if n >= S:
+      a = (n - S) // 2
+      return slice(a, a + S), slice(0, S)
+    a = (S - n) // 2
+    return slice(0, n), slice(a, a + n)
+  (sx, dx), (sy, dy) = cut(nx), cut(ny)
+  out_hu[dx, dy] = hu[z, sx, sy]
+  out_lab[dx, dy] = labels[z, sx, sy]
+  return out_hu, out_lab
+
+
+def _identity(st, image_row):
+  """(volume, z) of a delivered row, read from its background voxels (HU = 100 v + z - 50)."""
+  values, counts = np.unique(image_row[image_row != pipeline.PAD_HU], return_counts=True)
+  code = int(values[np.argmax(counts)]) + 50
+  return code // 100, code % 100
+
+
+def test_batch_shapes_dtypes_and_padding_rows(train_store):
+  [b] = _take(_iterator(train_store, _config()), 1)
+  assert b["image"].shape == (6, S, S, 1) and b["image"].dtype == np.int16
+  assert b["label"].shape == (6, S, S) and b["label"].dtype == np.int32
+  np.testing.assert_array_equal(b["mask"], [True] * 5 + [False])
+  assert (b["image"][5] == pipeline.PAD_HU).all() and (b["label"][5] == 0).all()
+
+
+def test_rows_are_the_stored_slices_cropped_or_padded(train_store):
+  batches = _take(_iterator(train_store, _config()), 4)
+  seen = set()
+  for b in batches:
+    for r in range(5):
+      v, z = _identity(train_store, b["image"][r, ..., 0])
+      hu, lab = _expected_slice(train_store, v, z)
+      np.testing.assert_array_equal(b["image"][r, ..., 0], hu)
+      np.testing.assert_array_equal(b["label"][r], lab)
+      seen.add(v)
+  assert seen == {0, 1, 2}
+
+
+def test_all_sampling_draws_every_slice_once_per_epoch(train_store):
+  n = train_store.num_slices                       # 18 slices; batches of 5 cross epochs
+  rows = [_identity(train_store, b["image"][r, ..., 0])
+          for b in _take(_iterator(train_store, _config()), 8) for r in range(5)]
+  everything = {(v, z) for v, shape in enumerate(SHAPES) for z in range(shape[2])}
+  assert len(everything) == n
+  assert sorted(rows[:n]) == sorted(everything)
+  assert sorted(rows[n:2 * n]) == sorted(everything)
+  assert rows[:n] != rows[n:2 * n]                 # reshuffled each epoch
+
+
+def test_batches_do_not_depend_on_the_number_of_processes(train_store):
+  config = _config()
+  single = _take(_iterator(train_store, config, padded=6), 3)
+  for count in (2, 3):
+    parts = [_take(_iterator(train_store, config, padded=6, p=p, n=count), 3)
+             for p in range(count)]
+    for step in range(3):
+      for key in ("image", "label", "mask"):
+        joined = np.concatenate([parts[p][step][key] for p in range(count)])
+        np.testing.assert_array_equal(joined, single[step][key])
+  # More padding (e.g. 8 devices) only appends rows.
+  wider = _take(_iterator(train_store, config, padded=8), 3)
+  for a, b in zip(single, wider):
+    np.testing.assert_array_equal(a["image"][:5], b["image"][:5])
+    assert not b["mask"][5:].any()
+
+
+def test_process_holding_only_padding_rows(train_store):
+  [b] = _take(_iterator(train_store, _config(), batch=3, padded=6, p=2, n=3), 1)
+  assert not b["mask"].any() and (b["label"] == 0).all()
+
+
+def test_resume_by_state_and_by_start_step(train_store):
+  config = _config()
+  straight = _take(_iterator(train_store, config), 7)
+  it = _iterator(train_store, config)
+  _take(it, 4)
+  state = json.loads(json.dumps(it.get_state()))     # through a checkpoint's JSON
+  assert state["step"] == 4
+  restored = _iterator(train_store, config)
+  restored.set_state(state)
+  started = _iterator(train_store, config, start=4)
+  for a, b, c in zip(straight[4:], _take(restored, 3), _take(started, 3)):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["image"], c["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_set_state_rejects_a_damaged_state(train_store):
+  it = _iterator(train_store, _config())
+  with pytest.raises(UserError, match="step"):
+    it.set_state({"version": 1})
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume_exactly(train_store):
+  in_process = _take(_iterator(train_store, _config(num_workers=0)), 8)
+  it = _iterator(train_store, _config(num_workers=2))
+  try:
+    first = [next(it) for _ in range(5)]
+    state = it.get_state()
+  finally:
+    it.close()
+  resumed = _iterator(train_store, _config(num_workers=2))
+  resumed.set_state(state)
+  rest = _take(resumed, 3)
+  for a, b in zip(in_process, first + rest):
+    for key in ("image", "label", "mask"):
+      np.testing.assert_array_equal(a[key], b[key])
+      assert type(b[key]) is np.ndarray     # copied out of the shared slots
+
+
+def test_liver_sampling_draws_only_liver_slices(train_store):
+  liver = {(v, z) for v, shape in enumerate(SHAPES) for z in range(1, shape[2] - 1)}
+  rows = [_identity(train_store, b["image"][r, ..., 0])
+          for b in _take(_iterator(train_store, _config(sampling="liver")), 6)
+          for r in range(5)]
+  assert set(rows) <= liver
+  assert sorted(rows[:len(liver)]) == sorted(liver)
+
+
+def test_tumor_oversampling_draws_more_tumour_slices(train_store):
+  def tumour_share(config):
+    rows = [_identity(train_store, b["image"][r, ..., 0])
+            for b in _take(_iterator(train_store, config), 40) for r in range(5)]
+    return np.mean([z == 2 for _, z in rows])
+  plain = tumour_share(_config(sampling="all"))
+  over = tumour_share(_config(sampling="tumor_oversample", tumor_oversample=0.5))
+  assert abs(plain - 3 / 18) < 0.02          # whole epochs: exactly 3 of 18 slices
+  assert abs(over - (0.5 + 0.5 * 3 / 18)) < 0.03
+
+
+def test_liver_sampling_without_liver_is_an_error(tmp_path):
+  root = str(tmp_path / "d")
+  affine = np.diag([1.0, 1.0, 1.0, 1.0])
+  nifti.write_image(os.path.join(root, "volume-0.nii.gz"), np.zeros((4, 4, 3), np.int16), affine)
+  nifti.write_image(os.path.join(root, "segmentation-0.nii.gz"), np.zeros((4, 4, 3), np.uint8),
+                    affine)
+  st = store.prepare_store(discovery.find_cases(root), tmp_path / "cache")
+  with pytest.raises(UserError, match="data.sampling"):
+    _iterator(st, _config(sampling="liver"))
+  [b] = _take(_iterator(st, _config(sampling="tumor_oversample", tumor_oversample=0.3)), 1)
+  assert b["mask"].sum() == 5                 # no tumour anywhere: plain sampling
+
+
+def test_float32_output_is_munet_preprocess(train_store):
+  config = _config()
+  [hu] = _take(_iterator(train_store, config), 1)
+  [pre] = _take(_iterator(train_store, config, preprocessed=True), 1)
+  assert pre["image"].dtype == np.float32
+  np.testing.assert_array_equal(pre["image"], preprocess(hu["image"], config))
+  np.testing.assert_array_equal(pre["label"], hu["label"])
+
+
+def _augment_config(intensity=0.0):
+  return _config(augment_enabled=True, augment_intensity=intensity,
+                 augment_rotate_degrees=20.0, augment_scale=0.15)
+
+
+def test_augmentation_is_deterministic_per_step_and_row(train_store):
+  plain = _take(_iterator(train_store, _config()), 3)
+  first = _take(_iterator(train_store, _augment_config(0.05)), 3)
+  second = _take(_iterator(train_store, _augment_config(0.05)), 3)
+  halves = [_take(_iterator(train_store, _augment_config(0.05), p=p, n=2), 3) for p in range(2)]
+  changed = 0
+  for step in range(3):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(first[step][key], second[step][key])
+      joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+      np.testing.assert_array_equal(joined, first[step][key])
+    changed += int((first[step]["image"] != plain[step]["image"]).any(axis=(1, 2, 3)).sum())
+  assert changed == 15                       # every real row is transformed
+
+
+def test_augmented_labels_stay_on_the_image(train_store):
+  """Where bilinear image values are unblended (all 4 neighbours one tissue), the
+  nearest-neighbour label must be exactly that tissue's."""
+  plain = _take(_iterator(train_store, _config()), 4)
+  augmented = _take(_iterator(train_store, _augment_config(0.0)), 4)
+  jittered = _take(_iterator(train_store, _augment_config(0.05)), 4)
+  exact = total = moved = 0
+  for b_plain, b_aug, b_jit in zip(plain, augmented, jittered):
+    np.testing.assert_array_equal(b_aug["label"], b_jit["label"])  # intensity: image only
+    for r in range(5):
+      v, z = _identity(train_store, b_plain["image"][r, ..., 0])
+      image, label = b_aug["image"][r, ..., 0], b_aug["label"][r]
+      moved += int(not np.array_equal(label, b_plain["label"][r]))
+      levels = {-50 + 100 * v + z: 0, pipeline.PAD_HU: 0,
+                300 + 200 * v + z: 1, 900 + 200 * v + z: 2}
+      for value, want in levels.items():
+        at = image == value
+        np.testing.assert_array_equal(label[at], want)
+        exact += int(at.sum())
+      total += image.size
+  assert exact > 0.8 * total and moved >= 10
+
+
+def test_arguments_are_checked(train_store):
+  with pytest.raises(ValueError):
+    _iterator(train_store, _config(), batch=5, padded=4)
+  with pytest.raises(ValueError):
+    _iterator(train_store, _config(), batch=5, padded=6, p=0, n=4)
+  with pytest.raises(UserError, match="no training volumes"):
+    _iterator(store.SliceStore(train_store.cache_dir, []), _config())
