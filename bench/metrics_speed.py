@@ -39,12 +39,14 @@ def smooth_field(rng, shape, coarse, dtype=np.float32):
   return ndimage.zoom(grid.astype(dtype), zoom, order=1, mode="nearest", grid_mode=True)
 
 
-def make_case(shape, seed=0):
-  """(ref, pred) boolean volumes: a perturbed ellipsoid and a slightly different copy."""
+def make_case(shape, seed=0, scale=1.0):
+  """(ref, pred) boolean volumes: a perturbed ellipsoid and a slightly different copy.
+
+  `scale` multiplies the ellipsoid's radii (1: liver-sized; 2.5: most of the volume)."""
   rng = np.random.default_rng(seed)
   x, y, z = shape
-  centre = (0.40 * x, 0.42 * y, 0.5 * z)
-  radii = (0.17 * x, 0.14 * y, 0.22 * z)
+  centre = (0.40 * x, 0.42 * y, 0.5 * z) if scale <= 1 else (0.5 * x, 0.5 * y, 0.5 * z)
+  radii = (0.17 * scale * x, 0.14 * scale * y, 0.22 * scale * z)
   shape_field = smooth_field(rng, shape, (8, 8, 6))     # the organ's lobes
   detail = smooth_field(rng, shape, (48, 48, 24))       # the prediction's errors
   ref = np.empty(shape, bool)
@@ -57,7 +59,7 @@ def make_case(shape, seed=0):
     ref[..., k] = r < level
     pred[..., k] = r < level + 0.025 * detail[..., k]
   # A false-positive island about 2 cm beyond the organ's edge.
-  cx, cy, cz = int(centre[0] + 1.25 * radii[0]), int(centre[1]), int(centre[2])
+  cx, cy, cz = int(min(centre[0] + 1.25 * radii[0], 0.9 * x)), int(centre[1]), int(centre[2])
   rad = max(2, x // 128)
   pred[cx - rad:cx + rad + 1, cy - rad:cy + rad + 1, cz - rad:cz + rad + 1] = True
   return ref, pred
@@ -164,6 +166,8 @@ def main(argv=None):
   parser.add_argument("--medpy-repeats", type=int, default=1)
   parser.add_argument("--no-medpy", action="store_true")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--organ-scale", type=float, default=1.0,
+                      help="radii of the object relative to a liver's (bigger: slower)")
   parser.add_argument("--worker", choices=("ours", "medpy"), help=argparse.SUPPRESS)
   parser.add_argument("--data", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -178,7 +182,7 @@ def main(argv=None):
         f"{os.cpu_count()} CPUs |", subprocess.run(["uptime"], capture_output=True,
                                                     text=True).stdout.strip())
   start = time.perf_counter()
-  ref, pred = make_case(tuple(args.shape), args.seed)
+  ref, pred = make_case(tuple(args.shape), args.seed, args.organ_scale)
   box = [np.flatnonzero(np.any(ref | pred, axis=tuple(j for j in range(3) if j != i)))
          for i in range(3)]
   print(f"volume {tuple(args.shape)}, spacing {spacing} | ref {int(ref.sum()):,} voxels, "
