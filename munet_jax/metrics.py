@@ -15,8 +15,8 @@ How the distances are computed (all in one jitted JAX program, CPU or GPU):
   true extent, so the padding costs memory but little time.
 * Exact distance transform, separable (Saito-Toriwaki): with the squared distance
   D(p) = min over surface voxels q of sum_k s_k^2 (p_k - q_k)^2,
-    pass 1 (axis a) f = the squared distance to the nearest surface voxel on the same line, from
-           the last and next surface index (cumulative max/min scans): linear;
+    pass 1 (axis a) f = the squared distance to the nearest surface voxel on the same
+           line, from the last and next surface index (cumulative max/min): linear;
     pass 2 (axis b) g(p) = min_t f(p + t e_b) + s_b^2 t^2,  |t| <= r_b;
     pass 3 (axis c) D(p) = min_u g(p + u e_c) + s_c^2 u^2,  |u| <= r_c.
   Each offset t is one fused elementwise update of the whole chunk (perfectly vectorised).
@@ -68,7 +68,7 @@ _RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exce
 _REF, _PRED = 1, 2         # bits of the packed box
 
 # Number of times the kernel has been traced (compiled), per bucketed shape; tests read it.
-_TRACES: dict[tuple[tuple[int, int, int], bool], int] = {}
+_TRACES: dict[tuple[tuple[int, int, int], int, bool], int] = {}
 
 
 class MetricsArgumentError(UserError, ValueError):
@@ -302,7 +302,7 @@ def _kernel(packed, spacing, sizes, planes, flat):
     distances and the largest squared distance.
   """
   shape = packed.shape
-  _TRACES[shape, flat] = _TRACES.get((shape, flat), 0) + 1
+  _TRACES[shape, planes, flat] = _TRACES.get((shape, planes, flat), 0) + 1
   chunks = (shape[0] - 2) // planes
   _, shape_b, shape_c = shape
   n_a, n_b, n_c = sizes[0], sizes[1], sizes[2]
@@ -357,13 +357,14 @@ def _kernel(packed, spacing, sizes, planes, flat):
 
     Passes 2 and 3 look only at offsets up to a radius; the result is then exact for the
     voxels whose distance is within the radius, since every source outside the window is
-    at least the radius away. While some target is not, the radius grows fourfold, up to
+    at least the radius away. While some target is not, the radius grows threefold, up to
     the whole box (where nothing is outside the window).
     """
     def widen(state):
       radius, _, _ = state
-      r_b = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[1])).astype(jnp.int32), n_b - 1)
-      r_c = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[2])).astype(jnp.int32), n_c - 1)
+      # In voxels along b and c, no more than the box needs (clamped before the cast).
+      r_b = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[1])), n_b - 1).astype(jnp.int32)
+      r_c = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[2])), n_c - 1).astype(jnp.int32)
       d2 = window_pass(window_pass(f, 2, r_b, s2[1]), 3, r_c, s2[2])
       outside_b = jnp.where(r_b < n_b - 1, s2[1] * ((r_b + 1) ** 2).astype(jnp.float32),
                             jnp.inf)

@@ -396,7 +396,7 @@ def test_one_compilation_per_bucket():
     pred[0, 0, 0] = ref[-1, -1, -1] = True          # the box is the whole array
     spacing = tuple(rng.uniform(0.5, 3.0, 3))
     packed, _, _, planes = metrics._pack(ref, pred, spacing)
-    keys.add((packed.shape, False))
+    keys.add((packed.shape, planes, False))
     assert_agrees(pred, ref, spacing, shape)
   assert len(keys) == 1
   assert metrics._TRACES[keys.pop()] == 1
