@@ -36,10 +36,11 @@ def parse_args(argv):
   files.add_argument("--pred", help="predicted label file or folder")
   files.add_argument("--ref", help="reference label file or folder (same file names)")
   files.add_argument("--images", help="CT folder, for the background of --overlays")
-  files.add_argument("--small-lesion-mm", type=float, default=28.0,
-                     help="small lesion: largest axial area below this squared (mm²)")
   parser.add_argument("--out", help="results file (required with --pred; default with "
                       "--workdir: W/eval/results.json)")
+  parser.add_argument("--small-lesion-mm", type=float, default=None,
+                      help="a lesion is small when its largest axial area is below this "
+                      "squared, in mm² (default: the run's eval.small_lesion_mm, else 28)")
   parser.add_argument("--overlays", type=int, default=0, metavar="N",
                       help="overlay PNGs of N chosen slices per case, in overlays/ next to "
                       "the results file (default 0: none)")
@@ -60,8 +61,8 @@ def parse_args(argv):
     for flag in ("data", "split", "which", "batch_size"):
       if getattr(args, flag) is not None:
         raise UserError(f"eval.py: --{flag.replace('_', '-')} goes with --workdir, not with --pred")
-    if not (args.small_lesion_mm > 0):
-      raise UserError(f"eval.py: --small-lesion-mm must be positive, got {args.small_lesion_mm}")
+  if args.small_lesion_mm is not None and not args.small_lesion_mm > 0:
+    raise UserError(f"eval.py: --small-lesion-mm must be positive, got {args.small_lesion_mm}")
   if args.out is not None and not args.out.endswith(".json"):
     raise UserError(f"{args.out}: --out must be a .json file")
   return args
@@ -80,13 +81,14 @@ def main(argv):
       document, out = evaluation.evaluate_run(
           args.workdir, data=args.data, split=args.split or "test",
           which=args.which or "latest", out=args.out, overlays=args.overlays,
-          batch_size=args.batch_size)
+          batch_size=args.batch_size, small_lesion_mm=args.small_lesion_mm)
       source = document["source"]
       title = (f"{source['split']} split, {len(document['cases'])} volumes, checkpoint step "
                f"{source['checkpoint_step']} ({source['which']})")
     else:
       document = evaluation.evaluate_folders(
-          args.pred, args.ref, args.out, small_lesion_mm=args.small_lesion_mm,
+          args.pred, args.ref, args.out,
+          small_lesion_mm=28.0 if args.small_lesion_mm is None else args.small_lesion_mm,
           overlays=args.overlays, images=args.images)
       out = args.out
       title = f"{len(document['cases'])} volumes"

@@ -220,8 +220,8 @@ def _scored_case(name, pred_ras, ref_ras, spacing, small_lesion_mm, overlays, ov
 
 def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
                  which: str = "latest", out: str | None = None, overlays: int = 0,
-                 batch_size: int | None = None, progress: bool | None = None
-                 ) -> tuple[dict, str]:
+                 batch_size: int | None = None, small_lesion_mm: float | None = None,
+                 progress: bool | None = None) -> tuple[dict, str]:
   """Segments and scores the volumes of one split with a training run's checkpoint.
 
   Args:
@@ -233,6 +233,7 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
       `workdir/eval/results-SPLIT.json` when None.
     overlays: overlay PNGs per case (0: none), in `eval/overlays` next to `out`.
     batch_size: slices per batch; the run's `eval.batch_size` when None.
+    small_lesion_mm: the small-lesion bound; the run's `eval.small_lesion_mm` when None.
     progress: progress bar over volumes; None: only on a terminal.
 
   Returns:
@@ -246,6 +247,9 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
 
   config, variables, step = load_run(workdir, which)
   root = data or config.data.root
+  config.data.root = root  # the split's messages name the folder actually used
+  if small_lesion_mm is not None:
+    config.eval.small_lesion_mm = float(small_lesion_mm)
   cases = find_cases(root)
   chosen = cases if split == "all" else split_cases(cases, config)[split]
   if not chosen:

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
@@ -30,6 +31,7 @@ from munet_jax.errors import UserError
 from munet_jax.training import parallel
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_LITS_LABEL = re.compile(r"^segmentation-\d+\.nii(\.gz)?$")
 
 
 @functools.lru_cache(maxsize=8)
@@ -219,12 +221,19 @@ def plan_outputs(input_path: str, output_path: str) -> list[tuple[str, str]]:
 
   A file in gives the file `output_path` (or, when `output_path` is an existing folder,
   CASE.nii.gz in it); a folder in gives OUTPUT/CASE.nii.gz for every NIfTI file of it,
-  CASE being the input's name without a Decathlon `_0000` suffix.
+  CASE being the input's name without a Decathlon `_0000` suffix. LiTS label files
+  (segmentation-N.nii[.gz]) in an input folder are left out.
   """
   if not os.path.exists(input_path):
     raise UserError(f"{input_path}: --input not found")
   if os.path.isdir(input_path):
     inputs = list_nifti(input_path)
+    # A LiTS folder holds its label files beside the CT: segmentation-N is not a CT.
+    labels = [p for p in inputs if _LITS_LABEL.match(os.path.basename(p))]
+    if labels:
+      inputs = [p for p in inputs if p not in labels]
+      print(f"note: {len(labels)} LiTS label file(s) (segmentation-N) in {input_path} "
+            "are not CT and are left out", file=sys.stderr)
     if not inputs:
       raise UserError(f"{input_path}: no NIfTI files (*.nii, *.nii.gz) in the --input folder")
     if os.path.exists(output_path) and not os.path.isdir(output_path):

@@ -157,11 +157,14 @@ def test_eval_workdir_other_data_root_and_split(run, tmp_path, capsys):
   other = tmp_path / "other"
   shutil.copytree(data, other)
   status, out, err = _in_process(EVAL, ["--workdir", workdir, "--data", other, "--split", "all",
-                                        "--out", tmp_path / "all.json"], capsys)
+                                        "--out", tmp_path / "all.json",
+                                        "--small-lesion-mm", "5"], capsys)
   assert status == 0, err
   document = json.loads((tmp_path / "all.json").read_text())
   assert [c["case"] for c in document["cases"]] == [f"volume-{i}" for i in range(4)]
   assert document["source"]["data"] == str(other)
+  assert document["lesion_detection"]["small_area_mm2"] == 25.0
+  assert "small: largest axial area < 5 x 5 mm²" in out
   assert "all split, 4 volumes" in out
 
 

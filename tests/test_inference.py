@@ -184,6 +184,14 @@ def test_folder_outputs_drop_the_decathlon_channel_suffix(tmp_path):
                    ("volume-2.nii.gz", "volume-2.nii.gz"), ("volume-10.nii", "volume-10.nii.gz")]
 
 
+def test_folder_input_leaves_lits_label_files_out(tmp_path, capsys):
+  _touch(tmp_path / "in" / "volume-1.nii")
+  _touch(tmp_path / "in" / "segmentation-1.nii")
+  pairs = inference.plan_outputs(str(tmp_path / "in"), str(tmp_path / "out"))
+  assert [os.path.basename(a) for a, _ in pairs] == ["volume-1.nii"]
+  assert "1 LiTS label file" in capsys.readouterr().err
+
+
 def test_file_input_to_a_folder_output_is_named_after_the_input(tmp_path):
   src = _touch(tmp_path / "ct_0000.nii.gz")
   os.makedirs(tmp_path / "out")
