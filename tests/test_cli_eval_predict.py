@@ -85,6 +85,7 @@ def test_predict_on_the_real_ct_writes_labels_on_its_exact_grid(run, tmp_path):
   assert [f for f in os.listdir(out.parent)] == ["abdomen.nii.gz"]   # no temporary left
 
 
+@pytest.mark.slow
 def test_predict_then_eval_pred_ref_chain(run, tmp_path):
   workdir, _ = run
   pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
@@ -135,6 +136,7 @@ def test_predict_on_a_folder_handles_orientation_and_names(run, tmp_path, capsys
 # --------------------------------------------------------------------------------- eval
 
 
+@pytest.mark.slow
 def test_eval_workdir_scores_the_test_split_and_writes_results(run):
   workdir, data = run
   proc = _subprocess("eval", "--workdir", workdir, "--overlays", "2")
