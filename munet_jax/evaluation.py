@@ -243,9 +243,9 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
   from munet_jax.data.discovery import find_cases
   from munet_jax.data.splits import split_cases
   from munet_jax.inference import VolumeSegmenter, prefetch
-  from munet_jax.api import load_run
+  from munet_jax.training.checkpointing import load_variables
 
-  config, variables, step = load_run(workdir, which)
+  config, variables, step = load_variables(workdir, which)
   root = data or config.data.root
   config.data.root = root  # the split's messages name the folder actually used
   if small_lesion_mm is not None:

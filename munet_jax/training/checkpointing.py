@@ -8,6 +8,7 @@ so a process killed mid-save leaves no checkpoint that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -88,8 +89,7 @@ class Checkpointer:
         state, data = self.restore(step, target_state)
         return step, state, data
       except Exception as e:  # a truncated or half-deleted checkpoint
-        log.warning("checkpoint %s/%d is damaged (%s: %s); trying an older one",
-                    self.directory, step, type(e).__name__, e)
+        _warn_damaged(self.directory, step, e)
     if steps:
       raise UserError(f"{self.directory}: every checkpoint is damaged ({len(steps)} tried)")
     return None
@@ -106,30 +106,63 @@ def load_variables(workdir: str, which: str = "latest"
   """(config, {'params', 'batch_stats'}, step) from a training run's checkpoint.
 
   `which` is 'latest' or 'best' (highest validation liver DSC). A damaged newest
-  checkpoint falls back to an older one with a warning.
+  checkpoint falls back to an older one with a one-line warning; a missing or wholly
+  damaged run is a `UserError` naming the folder, and then the error is the only line.
   """
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise UserError(f"{workdir}: no checkpoints folder (train first, or check --workdir)")
-  ckpt = Checkpointer(workdir, read_only=True)
-  steps = ckpt.steps()
-  if not steps:
-    raise UserError(f"{directory}: no complete checkpoint")
-  order = list(reversed(steps))
-  if which == "best" and ckpt.best_step() is not None:
-    order.remove(ckpt.best_step())
-    order.insert(0, ckpt.best_step())
-  for step in order:
+  damaged = []
+  with _orbax_quiet():
+    ckpt = Checkpointer(workdir, read_only=True)
     try:
-      restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
-      config = config_from_dict(restored.config)
-      state = restored.state
-      variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-      return config, variables, step
-    except UserError:
-      raise
-    except Exception as e:
-      log.warning("checkpoint %s/%d is damaged (%s: %s); trying an older one",
-                  directory, step, type(e).__name__, e)
-  raise UserError(f"{directory}: every checkpoint is damaged ({len(steps)} tried)")
+      steps = ckpt.steps()
+      if not steps:
+        raise UserError(f"{directory}: no complete checkpoint")
+      order = list(reversed(steps))
+      best = ckpt.best_step() if which == "best" else None
+      if best is not None:
+        order.remove(best)
+        order.insert(0, best)
+      for step in order:
+        try:
+          restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+          config = config_from_dict(restored.config)
+        except UserError:
+          raise
+        except Exception as e:
+          damaged.append((step, e))
+          continue
+        for bad_step, error in damaged:
+          _warn_damaged(directory, bad_step, error)
+        state = restored.state
+        return config, {"params": state["params"], "batch_stats": state["batch_stats"]}, step
+      raise UserError(f"{directory}: every checkpoint is damaged ({len(steps)} tried)")
+    finally:
+      ckpt.close()
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+  """Keeps orbax's reports of a damaged checkpoint off stderr while we try the next one.
+
+  A failed restore leaves asynchronous reads behind whose exceptions asyncio logs with
+  tracebacks ("Task exception was never retrieved"); the failure itself is reported
+  once, by `_warn_damaged` or the `UserError`.
+  """
+  logger = logging.getLogger("asyncio")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _warn_damaged(directory: str, step: int, error: Exception) -> None:
+  """One warning line: TensorStore's reasons run over many lines and kilobytes."""
+  reason = " ".join(f"{type(error).__name__}: {error}".split())
+  if len(reason) > 120:
+    reason = reason[:117] + "..."
+  log.warning("checkpoint %s/%d is damaged (%s); trying an older one", directory, step, reason)

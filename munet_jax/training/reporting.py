@@ -26,8 +26,10 @@ class MetricWriter:
     row = {"step": int(step)}
     for name, value in values.items():
       value = float(value)
-      row[f"{prefix}/{name}"] = value if math.isfinite(value) else None
-      self._tb.add_scalar(f"{prefix}/{name}", value, int(step))
+      finite = math.isfinite(value)   # an empty reference gives inf distances
+      row[f"{prefix}/{name}"] = value if finite else None
+      if finite:
+        self._tb.add_scalar(f"{prefix}/{name}", value, int(step))
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
 
