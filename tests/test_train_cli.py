@@ -1,0 +1,152 @@
+"""train.py end to end, as a real process: resume after SIGKILL, SIGTERM, bad flags.
+
+Each run trains a two-stage mU-Net of widths 4/8 on three 32x32 synthetic volumes; the
+compile dominates, so a run takes about ten seconds.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+
+CONFIG = """
+from munet_jax.config import base_config
+
+def get_config():
+  c = base_config()
+  c.data.root = {root!r}
+  c.data.synthetic.cases = 3
+  c.data.synthetic.size = 32
+  c.data.synthetic.slices = 6
+  c.data.image_size = 32
+  c.data.split = "custom"
+  c.data.num_train, c.data.num_val, c.data.num_test = 2, 1, 0
+  c.data.num_workers = 0
+  c.model.features = (4, 8)
+  c.train.batch_size = 3
+  c.train.steps = {steps}
+  c.train.learning_rate = 1e-3
+  c.train.log_every_steps = 2
+  c.train.eval_every_steps = 1000
+  c.train.final_eval_split = "val"
+  c.checkpoint.every_steps = 2
+  c.checkpoint.keep = 2
+  return c
+"""
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  """Synthetic data and its slice store, made once for every run of this module."""
+  root = tmp_path_factory.mktemp("data")
+  from munet_jax.data import synthetic
+  synthetic.write_dataset(str(root), 3, 32, seed=0, slices=6, progress=False)
+  return str(root)
+
+
+def _config(tmp_path, data_root, steps=8):
+  path = tmp_path / f"config_{steps}.py"
+  path.write_text(CONFIG.format(root=data_root, steps=steps))
+  return str(path)
+
+
+def _train(config, workdir, *extra, **popen):
+  cmd = [sys.executable, TRAIN, "--config", config, "--workdir", str(workdir), *extra]
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=ROOT, **popen)
+
+
+def _finish(proc, timeout=300):
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
+def _final_params(workdir):
+  from munet_jax.training.checkpointing import load_variables
+  _, variables, step = load_variables(str(workdir))
+  import jax
+  leaves = jax.tree_util.tree_leaves(jax.device_get(variables))
+  return step, [np.asarray(x) for x in leaves]
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=120):
+  """Waits until checkpoint `step` is complete on disk (its folder renamed into place)."""
+  path = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if os.path.isdir(path):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"training ended before checkpoint {step}: {proc.stderr.read()[-2000:]}")
+    time.sleep(0.05)
+  raise AssertionError(f"no checkpoint {step} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_root):
+  tmp = tmp_path_factory.mktemp("reference")
+  workdir = tmp / "run"
+  code, out, err = _finish(_train(_config(tmp, data_root), workdir))
+  assert code == 0, err[-3000:]
+  return workdir, out, err
+
+
+def test_a_run_checkpoints_logs_plots_and_prints_the_table(uninterrupted):
+  workdir, out, _ = uninterrupted
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())[-1] == 8
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6, 8]
+  assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+  assert (workdir / "training_curves.png").stat().st_size > 1000
+  assert os.listdir(workdir / "tensorboard")
+  results = json.loads((workdir / "eval" / "results.json").read_text())
+  assert [c["case"] for c in results["cases"]] and "liver" in results["summary"]
+  assert "DSC %" in out and "liver" in out
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_ends_bitwise_equal_to_an_uninterrupted_run(
+    tmp_path, data_root, uninterrupted):
+  workdir = tmp_path / "run"
+  config = _config(tmp_path, data_root)
+  proc = _train(config, workdir)
+  _wait_for_checkpoint(str(workdir), 4, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  code, out, err = _finish(_train(config, workdir))
+  assert code == 0, err[-3000:]
+  assert "resuming from checkpoint" in out
+  step, params = _final_params(workdir)
+  ref_step, ref_params = _final_params(uninterrupted[0])
+  assert step == ref_step == 8
+  for a, b in zip(params, ref_params):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, data_root, uninterrupted):
+  workdir = tmp_path / "run"
+  config = _config(tmp_path, data_root, steps=400)
+  proc = _train(config, workdir)
+  _wait_for_checkpoint(str(workdir), 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  code, _, err = _finish(proc)
+  assert code == 128 + signal.SIGTERM, err[-3000:]
+  saved = int(err.split("checkpoint saved at step ")[1].split(".")[0])
+  assert saved >= 2 and os.path.isdir(workdir / "checkpoints" / str(saved))
+  assert "Traceback" not in err
+
+
+def test_bad_flag_is_one_line_and_exit_2(tmp_path, data_root):
+  code, _, err = _finish(_train(_config(tmp_path, data_root), tmp_path / "w",
+                                "--config.train.stepz=3"))
+  assert code == 2
+  assert err.strip().splitlines() == ["error: config key 'train.stepz' is unknown"]
