@@ -57,9 +57,67 @@ def apply(variables: dict, images: jax.Array, config: ml_collections.ConfigDict,
 def load(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict, dict]:
   """(config, variables) from the newest ('latest') or best-validated ('best') checkpoint.
 
-  A damaged newest checkpoint falls back to the previous complete one with a warning;
-  a missing or wholly damaged run is a `UserError` naming the folder.
+  A damaged newest checkpoint falls back to the previous complete one with a one-line
+  warning; a missing or wholly damaged run is a `UserError` naming the folder (and then
+  no warning: the error says it all).
   """
   from munet_jax.training.checkpointing import load_variables
-  config, variables, _ = load_variables(workdir, which)
+  config, variables, _ = load_run(workdir, which, load_variables)
   return config, variables
+
+
+def load_run(workdir: str, which: str = "latest", loader=None):
+  """`checkpointing.load_variables(workdir, which)` -> (config, variables, step), quietly.
+
+  Orbax reports a damaged checkpoint with a many-line TensorStore dump and, after a
+  failed restore, leaves asynchronous reads behind that print "Event loop is closed"
+  tracebacks when the process exits. Command-line tools promise one line per problem,
+  so the warnings are shortened to one line each (and dropped when loading fails), and
+  those leftover reports (only they) are filtered out of `sys.unraisablehook`.
+  """
+  import logging
+  if loader is None:
+    from munet_jax.training.checkpointing import load_variables as loader
+  logger = logging.getLogger("munet_jax.training.checkpointing")
+  held = []
+
+  class _Hold(logging.Handler):
+    def emit(self, record):
+      held.append(record)
+
+  handler = _Hold(level=logging.WARNING)
+  saved_propagate = logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False
+  _ignore_orbax_leftovers()  # before: a failed restore's reads report while we still try
+  try:
+    result = loader(workdir, which)
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = saved_propagate
+  for record in held:
+    message = " ".join(record.getMessage().split())
+    if len(message) > 200:
+      message = message[:197] + "..."
+    logger.warning("%s", message)
+  return result
+
+
+def _ignore_orbax_leftovers() -> None:
+  """Drops the unraisable-exception reports of orbax's abandoned reads (see `load_run`)."""
+  import sys
+  previous = sys.unraisablehook
+  if getattr(previous, "_munet_filter", False):
+    return
+
+  def hook(unraisable):
+    exc, obj = unraisable.exc_value, unraisable.object
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+      return
+    if getattr(obj, "__qualname__", "").startswith("_read_array") or \
+        "orbax" in str(getattr(getattr(obj, "cr_code", None), "co_filename", "")):
+      return
+    previous(unraisable)
+
+  hook._munet_filter = True
+  sys.unraisablehook = hook

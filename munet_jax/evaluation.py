@@ -1,8 +1,19 @@
 """Scoring label volumes the way the paper reports them, and the results file.
 
 Liver is labels 1 and 2 together, tumour is label 2 (PAPER.md, section II.F). Each case
-gets `segmentation_metrics` for both; the summary is mean ± std over cases, leaving
-out non-finite values (an empty reference, say), as SPEC.md asks.
+gets `segmentation_metrics` for both; the summary is mean ± std (population std,
+ddof=0) over cases, leaving out non-finite values (an empty reference, say), as SPEC.md
+asks. Beyond SPEC's results.json, the document holds:
+  - "global_dice": LiTS's global Dice, all volumes pooled into one, per target;
+  - "lesion_detection": tumour detection by lesion size (`munet_jax.lesions`), pooled
+    over cases, and per case "lesions" with the counts it is pooled from;
+  - per case "voxels": |A∩B|, |B|, |A| per target (what global Dice is pooled from);
+  - "source": what was scored (workdir, checkpoint step, split, data or folders).
+
+Volumes are scored in RAS order (`nifti.to_ras`), "spacing" being RAS-ordered too; the
+metrics do not depend on the axis order, and lesion sizes need the axial axis.
+
+`evaluate_run` and `evaluate_folders` are the two modes of `eval.py`.
 """
 
 from __future__ import annotations
@@ -10,12 +21,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from typing import Sequence
 
 import numpy as np
 
-from munet_jax.metrics import lesion_detection, segmentation_metrics
+from munet_jax.errors import UserError
+from munet_jax.lesions import SIZE_CLASSES, lesion_detection
+from munet_jax.metrics import segmentation_metrics
 
 TARGETS = {"liver": lambda labels: labels > 0, "tumor": lambda labels: labels == 2}
 METRICS = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")
@@ -23,17 +37,28 @@ METRICS = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")
 
 def score_case(name: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
                small_lesion_mm: float = 28.0) -> dict:
-  """One entry of results.json's "cases", plus the counts the pooled figures need."""
+  """One entry of results.json's "cases".
+
+  Args:
+    name: the case name.
+    pred, ref: (X, Y, Z) labels 0/1/2 of one shape, axial slices along the last axis.
+    spacing: (3,) voxel size in mm, in the arrays' axis order.
+    small_lesion_mm: lesions whose largest axial cross-section is below this squared
+      (mm^2) are small.
+  """
+  pred, ref = np.asarray(pred), np.asarray(ref)
+  if pred.shape != ref.shape:
+    raise ValueError(f"{name}: prediction shape {pred.shape} differs from reference {ref.shape}")
   entry = {"case": name, "spacing": [float(s) for s in spacing]}
-  pooled = {}
+  voxels = {}
   for target, select in TARGETS.items():
     p, r = select(pred), select(ref)
-    entry[target] = segmentation_metrics(p, r, spacing)
-    pooled[target] = (int(np.count_nonzero(p & r)), int(np.count_nonzero(p)),
-                      int(np.count_nonzero(r)))
+    entry[target] = {k: float(v) for k, v in segmentation_metrics(p, r, spacing).items()}
+    voxels[target] = {"both": int(np.count_nonzero(p & r)), "pred": int(np.count_nonzero(p)),
+                      "ref": int(np.count_nonzero(r))}
+  entry["voxels"] = voxels
   entry["lesions"] = lesion_detection(pred == 2, ref == 2, spacing,
-                                      small_area_mm2=small_lesion_mm ** 2)
-  entry["_pooled"] = pooled
+                                      small_area_mm2=float(small_lesion_mm) ** 2)
   return entry
 
 
@@ -51,26 +76,38 @@ def summarize(cases: list[dict]) -> dict:
 
 
 def global_dice(cases: list[dict]) -> dict:
-  """LiTS's global Dice: all volumes pooled into one, 2|A∩B| / (|A| + |B|)."""
+  """LiTS's global Dice per target: all volumes pooled into one, 2|A∩B| / (|A| + |B|).
+
+  1.0 when no volume has the target in either the reference or the prediction (SPEC's
+  both-empty convention).
+  """
   out = {}
   for target in TARGETS:
-    inter = sum(c["_pooled"][target][0] for c in cases)
-    total = sum(c["_pooled"][target][1] + c["_pooled"][target][2] for c in cases)
-    out[target] = 1.0 if total == 0 else 2.0 * inter / total
+    both = sum(c["voxels"][target]["both"] for c in cases)
+    total = sum(c["voxels"][target]["pred"] + c["voxels"][target]["ref"] for c in cases)
+    out[target] = 1.0 if total == 0 else 2.0 * both / total
   return out
 
 
 def lesion_summary(cases: list[dict]) -> dict:
-  """Detection recall / precision per lesion size class, pooled over cases."""
+  """Tumour detection per lesion size class, pooled over cases (see `munet_jax.lesions`).
+
+  recall = detected / reference lesions, precision = correct / predicted lesions, and
+  dice = 2 Σ|A_c∩B_c| / Σ(|A_c| + |B_c|) over cases; None where the denominator is 0.
+  """
   out = {}
-  for size in ("small", "large", "all"):
-    hit = sum(c["lesions"][size]["ref_detected"] for c in cases)
-    n_ref = sum(c["lesions"][size]["ref_count"] for c in cases)
-    correct = sum(c["lesions"][size]["pred_correct"] for c in cases)
-    n_pred = sum(c["lesions"][size]["pred_count"] for c in cases)
+  if cases:
+    out["small_area_mm2"] = cases[0]["lesions"]["small_area_mm2"]
+    out["connectivity"] = cases[0]["lesions"]["connectivity"]
+  for size in SIZE_CLASSES:
+    total = lambda key: sum(c["lesions"][size][key] for c in cases)
+    n_ref, n_pred = total("ref_count"), total("pred_count")
+    voxels = total("ref_voxels") + total("pred_voxels")
     out[size] = {"reference_lesions": n_ref, "predicted_lesions": n_pred,
-                 "recall": hit / n_ref if n_ref else None,
-                 "precision": correct / n_pred if n_pred else None}
+                 "detected": total("ref_detected"), "correct": total("pred_correct"),
+                 "recall": total("ref_detected") / n_ref if n_ref else None,
+                 "precision": total("pred_correct") / n_pred if n_pred else None,
+                 "dice": 2.0 * total("intersection") / voxels if voxels else None}
   return out
 
 
@@ -81,45 +118,308 @@ def _json_value(v):
     return {k: _json_value(x) for k, x in v.items()}
   if isinstance(v, (list, tuple)):
     return [_json_value(x) for x in v]
+  if isinstance(v, np.generic):
+    return _json_value(v.item())
   return v
 
 
-def results(cases: list[dict]) -> dict:
-  """The results.json document of SPEC.md (plus global Dice and lesion detection)."""
-  public = [{k: v for k, v in c.items() if not k.startswith("_")} for c in cases]
-  return _json_value({"cases": public, "summary": summarize(cases),
-                      "global_dice": global_dice(cases), "lesion_detection": lesion_summary(cases)})
+def results(cases: list[dict], source: dict | None = None) -> dict:
+  """The results.json document of SPEC.md, plus global Dice and lesion detection.
+
+  Non-finite values become null (JSON has no inf or NaN); the summary leaves them out.
+  """
+  document = {"cases": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cases],
+              "summary": summarize(cases), "global_dice": global_dice(cases),
+              "lesion_detection": lesion_summary(cases)}
+  if source is not None:
+    document["source"] = source
+  return _json_value(document)
 
 
 def write_json(path: str, document: dict) -> None:
   """Writes JSON atomically: a temporary file in the same folder, then a rename."""
   folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+  except OSError as e:
+    raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
   try:
     with os.fdopen(fd, "w") as f:
       json.dump(document, f, indent=1, allow_nan=False)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError):
+      raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
     raise
 
 
+def _percent(v) -> str:
+  return "-" if v is None else f"{100 * v:.2f}"
+
+
 def format_table(document: dict) -> str:
-  """The paper's table: mean ± std, DSC / VOE / RVD in %, ASSD / MSSD in mm."""
+  """The paper's table (mean ± std; DSC / VOE / RVD in %, ASSD / MSSD in mm), global Dice
+  and, when the document has it, the lesion detection table."""
   summary = document["summary"]
-  head = f"{'':8s}{'DSC %':>16s}{'VOE %':>16s}{'RVD %':>16s}{'ASSD mm':>16s}{'MSSD mm':>16s}{'n':>4s}"
-  lines = [head, "-" * len(head)]
+  columns = (("dsc", 100, "DSC %"), ("voe", 100, "VOE %"), ("rvd", 100, "RVD %"),
+             ("assd", 1, "ASSD mm"), ("mssd", 1, "MSSD mm"))
+  rows = []
   for target, title in (("liver", "liver"), ("tumor", "tumour")):
     cells = []
-    for metric, scale in (("dsc", 100), ("voe", 100), ("rvd", 100), ("assd", 1), ("mssd", 1)):
+    for metric, scale, _ in columns:
       s = summary[target][metric]
-      cells.append(f"{'-':>16s}" if s["mean"] is None else
-                   f"{s['mean'] * scale:>8.2f} ± {s['std'] * scale:<5.2f}")
-    n = summary[target]["dsc"]["n"]
-    lines.append(f"{title:8s}" + "".join(cells) + f"{n:>4d}")
+      cells.append("-" if s["mean"] is None else
+                   f"{s['mean'] * scale:.2f} ± {s['std'] * scale:.2f}")
+    rows.append((title, cells, summary[target]["dsc"]["n"]))
+  width = max([16] + [len(c) + 2 for _, cells, _ in rows for c in cells])
+  head = f"{'':8s}" + "".join(f"{h:>{width}s}" for _, _, h in columns) + f"{'n':>5s}"
+  lines = [head, "-" * len(head)]
+  for title, cells, n in rows:
+    lines.append(f"{title:8s}" + "".join(f"{c:>{width}s}" for c in cells) + f"{n:>5d}")
   g = document.get("global_dice")
   if g:
-    lines.append(f"global Dice: liver {100 * g['liver']:.2f} %, tumour {100 * g['tumor']:.2f} %")
+    lines.append(f"global Dice: liver {_percent(g['liver'])} %, tumour {_percent(g['tumor'])} %")
+  detection = document.get("lesion_detection")
+  if detection and "small_area_mm2" in detection:
+    side = math.sqrt(detection["small_area_mm2"])
+    lines += ["", f"tumour detection (3-D lesions, {_CONNECTIVITY[detection['connectivity']]} "
+              f"connectivity; small: largest axial area < {side:g} x {side:g} mm²)",
+              f"{'lesions':8s}{'reference':>10s}{'predicted':>10s}{'recall %':>10s}"
+              f"{'precision %':>12s}{'Dice %':>8s}"]
+    for size in SIZE_CLASSES:
+      d = detection[size]
+      lines.append(f"{size:8s}{d['reference_lesions']:>10d}{d['predicted_lesions']:>10d}"
+                   f"{_percent(d['recall']):>10s}{_percent(d['precision']):>12s}"
+                   f"{_percent(d['dice']):>8s}")
   return "\n".join(lines)
+
+
+_CONNECTIVITY = {1: "face", 2: "face+edge", 3: "full"}
+
+
+# ------------------------------------------------------------------------------- eval.py
+
+
+def _bar(items, desc: str, progress: bool | None):
+  from tqdm import tqdm
+  return tqdm(items, desc=desc, unit="volume", leave=False,
+              disable=None if progress is None else not progress)
+
+
+def _scored_case(name, pred_ras, ref_ras, spacing, small_lesion_mm, overlays, overlay_dir,
+                 hu_ras, window):
+  entry = score_case(name, pred_ras, ref_ras, spacing, small_lesion_mm)
+  if overlays:
+    from munet_jax.overlays import write_case_overlays
+    write_case_overlays(overlay_dir, name, hu_ras, pred_ras, ref_ras, spacing, overlays, window)
+  return entry
+
+
+def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
+                 which: str = "latest", out: str | None = None, overlays: int = 0,
+                 batch_size: int | None = None, small_lesion_mm: float | None = None,
+                 progress: bool | None = None) -> tuple[dict, str]:
+  """Segments and scores the volumes of one split with a training run's checkpoint.
+
+  Args:
+    workdir: the training run (its checkpoints and config).
+    data: the data root; the run's `data.root` when None.
+    split: 'train', 'val' or 'test' by the run's config (`data.split`), or 'all' cases.
+    which: 'latest' or 'best' checkpoint.
+    out: the results file; `workdir/eval/results.json` (split 'test') or
+      `workdir/eval/results-SPLIT.json` when None.
+    overlays: overlay PNGs per case (0: none), in `eval/overlays` next to `out`.
+    batch_size: slices per batch; the run's `eval.batch_size` when None.
+    small_lesion_mm: the small-lesion bound; the run's `eval.small_lesion_mm` when None.
+    progress: progress bar over volumes; None: only on a terminal.
+
+  Returns:
+    (the results document, the path it was written to).
+  """
+  from munet_jax.data import nifti
+  from munet_jax.data.discovery import find_cases
+  from munet_jax.data.splits import split_cases
+  from munet_jax.inference import VolumeSegmenter, prefetch
+  from munet_jax.api import load_run
+
+  config, variables, step = load_run(workdir, which)
+  root = data or config.data.root
+  config.data.root = root  # the split's messages name the folder actually used
+  if small_lesion_mm is not None:
+    config.eval.small_lesion_mm = float(small_lesion_mm)
+  cases = find_cases(root)
+  chosen = cases if split == "all" else split_cases(cases, config)[split]
+  if not chosen:
+    raise UserError(f"{root}: the '{split}' split of this run's config "
+                    f"(data.split='{config.data.split}') has no case")
+  if out is None:
+    name = "results.json" if split == "test" else f"results-{split}.json"
+    out = os.path.join(workdir, "eval", name)
+  overlay_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "overlays")
+  segmenter = VolumeSegmenter(variables, config, batch_size)
+
+  def read(case):
+    def load_case():
+      try:
+        image = nifti.read_image(case.image)
+        label = nifti.read_label(case.label, like=image)
+      except UserError as e:
+        if config.data.skip_bad:
+          return e
+        raise
+      return (nifti.to_ras(image.data, image.affine), nifti.to_ras(label.data, image.affine),
+              nifti.ras_spacing(image.affine))
+    return load_case
+
+  entries, skipped = [], []
+  with _bar(chosen, "evaluate", progress) as bar:
+    for case, loaded in zip(bar, prefetch(read(c) for c in chosen)):
+      if isinstance(loaded, UserError):  # data.skip_bad: as training left it out
+        skipped.append({"case": case.name, "reason": str(loaded)})
+        bar.write(f"skipped {case.name}: {loaded}", file=sys.stderr)
+        continue
+      hu, ref, spacing = loaded
+      pred = segmenter(hu)
+      entries.append(_scored_case(case.name, pred, ref, spacing, config.eval.small_lesion_mm,
+                                  overlays, overlay_dir, hu, config.data.hu_window))
+  if not entries:
+    raise UserError(f"{root}: every case of the '{split}' split was skipped as bad")
+  source = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "which": which,
+            "data": os.path.abspath(root), "split": split}
+  if skipped:
+    source["skipped"] = skipped
+  document = results(entries, source)
+  write_json(out, document)
+  return document, out
+
+
+def _label_key(path: str) -> str:
+  """The name a label file is matched by: no .nii[.gz]; LiTS 'segmentation-N' is 'volume-N'."""
+  from munet_jax.inference import case_name
+  name = case_name(path)
+  return "volume-" + name[len("segmentation-"):] if name.startswith("segmentation-") else name
+
+
+def label_pairs(pred: str, ref: str) -> list[tuple[str, str, str]]:
+  """(case, predicted file, reference file) for eval.py --pred P --ref R.
+
+  P and R are folders (every NIfTI file directly in P is scored against the file of the
+  same name in R) or two files. Names are compared without .nii / .nii.gz, so a .nii.gz
+  prediction matches a .nii reference, and LiTS's volume-N matches segmentation-N.
+  Reference files without a prediction are left out, with a note on stderr.
+  """
+  from munet_jax.inference import is_nifti, list_nifti
+  for path, flag in ((pred, "--pred"), (ref, "--ref")):
+    if not os.path.exists(path):
+      raise UserError(f"{path}: {flag} not found")
+  if os.path.isfile(pred) or os.path.isfile(ref):
+    if not (os.path.isfile(pred) and os.path.isfile(ref)):
+      raise UserError(f"{pred if os.path.isfile(pred) else ref}: --pred and --ref must be "
+                      "two files or two folders")
+    for path, flag in ((pred, "--pred"), (ref, "--ref")):
+      if not is_nifti(path):
+        raise UserError(f"{path}: {flag} must be a .nii or .nii.gz file or a folder")
+    return [(_label_key(pred), pred, ref)]
+  preds = list_nifti(pred)
+  if not preds:
+    raise UserError(f"{pred}: no NIfTI files (*.nii, *.nii.gz) in the --pred folder")
+  refs: dict[str, str] = {}
+  for path in list_nifti(ref):
+    key = _label_key(path)
+    if key in refs:
+      raise UserError(f"{path}: two reference files for case '{key}', also {refs[key]}")
+    refs[key] = path
+  pairs, seen = [], {}
+  for path in preds:
+    key = _label_key(path)
+    if key in seen:
+      raise UserError(f"{path}: two predictions for case '{key}', also {seen[key]}")
+    seen[key] = path
+    if key not in refs:
+      raise UserError(f"{path}: no reference file of the same name in {ref}")
+    pairs.append((key, path, refs[key]))
+  unmatched = len(refs) - len(pairs)
+  if unmatched:
+    print(f"note: {unmatched} reference file(s) in {ref} have no prediction and are not "
+          "scored", file=sys.stderr)
+  return pairs
+
+
+def _ct_for(images: str, case: str) -> str | None:
+  from munet_jax.inference import case_name, list_nifti
+  for path in list_nifti(images):
+    name = case_name(path)
+    if name == case or _label_key(path) == case:
+      return path
+  return None
+
+
+def _check_same_grid(volume, reference, what: str = "prediction") -> None:
+  """`volume` (a prediction or a CT) must lie on `reference`'s voxel grid."""
+  from munet_jax.data.nifti import AFFINE_TOLERANCE
+  if volume.data.shape != reference.data.shape:
+    raise UserError(f"{volume.path}: {what} shape {volume.data.shape} differs "
+                    f"from reference shape {reference.data.shape} of {reference.path}")
+  if not np.allclose(volume.affine, reference.affine, rtol=0, atol=AFFINE_TOLERANCE):
+    worst = float(np.abs(volume.affine - reference.affine).max())
+    raise UserError(f"{volume.path}: {what} affine differs from the affine of "
+                    f"reference {reference.path} (largest difference {worst:.4g} mm); "
+                    "they are not on the same voxel grid")
+
+
+def evaluate_folders(pred: str, ref: str, out: str, small_lesion_mm: float = 28.0,
+                     overlays: int = 0, images: str | None = None,
+                     window: Sequence[float] = (-250.0, 250.0),
+                     progress: bool | None = None) -> dict:
+  """Scores NIfTI label files against references of the same name (no model involved).
+
+  Args:
+    pred, ref: folders of label files (0/1/2), or two files (see `label_pairs`).
+    out: the results .json file, written atomically.
+    small_lesion_mm: the small-lesion bound (its square, mm^2, is the area bound).
+    overlays: overlay PNGs per case (0: none), in `overlays/` next to `out`.
+    images: a folder of the CT volumes, for the overlays' background (optional).
+    window: HU window of the overlays.
+    progress: progress bar over volumes; None: only on a terminal.
+
+  Each prediction must lie on its reference's grid (shape, and affine within
+  `nifti.AFFINE_TOLERANCE` mm).
+  """
+  from munet_jax.data import nifti
+  from munet_jax.inference import prefetch
+  pairs = label_pairs(pred, ref)
+  if images is not None and not os.path.isdir(images):
+    raise UserError(f"{images}: --images folder not found")
+  overlay_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "overlays")
+
+  def read(pair):
+    def load_pair():
+      case, pred_path, ref_path = pair
+      reference = nifti.read_label(ref_path)
+      predicted = nifti.read_label(pred_path)
+      _check_same_grid(predicted, reference)
+      hu = None
+      if overlays and images is not None:
+        ct = _ct_for(images, case)
+        if ct is None:
+          raise UserError(f"{images}: no CT file for case '{case}' (needed for --overlays)")
+        image = nifti.read_image(ct)
+        _check_same_grid(image, reference, "CT")
+        hu = nifti.to_ras(image.data, image.affine)
+      affine = reference.affine
+      return (nifti.to_ras(predicted.data, affine), nifti.to_ras(reference.data, affine),
+              nifti.ras_spacing(affine), hu)
+    return load_pair
+
+  entries = []
+  with _bar(pairs, "evaluate", progress) as bar:
+    for (case, _, _), (p, r, spacing, hu) in zip(bar, prefetch(read(x) for x in pairs)):
+      entries.append(_scored_case(case, p, r, spacing, small_lesion_mm, overlays, overlay_dir,
+                                  hu, window))
+  source = {"pred": os.path.abspath(pred), "ref": os.path.abspath(ref)}
+  document = results(entries, source)
+  write_json(out, document)
+  return document

@@ -118,6 +118,18 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_state):
   assert int(state.step) == 15
 
 
+def test_train_step_windows_integer_hounsfield_units_on_the_device(tiny_state):
+  c, state = tiny_state
+  rng = np.random.default_rng(1)
+  hu = rng.integers(-1000, 1500, (4, 16, 16, 1)).astype(np.int16)
+  batch = _batch()
+  step = jax.jit(make_train_step(c))
+  from munet_jax.preprocessing import preprocess
+  _, from_hu = step(state, dict(batch, image=hu))
+  _, from_float = step(state, dict(batch, image=preprocess(hu, c)))
+  assert float(from_hu["loss"]) == pytest.approx(float(from_float["loss"]), rel=1e-6)
+
+
 def test_checkpoint_round_trip_is_bitwise(tmp_path, tiny_state):
   c, state = tiny_state
   state, _ = jax.jit(make_train_step(c))(state, _batch())

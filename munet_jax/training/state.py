@@ -12,6 +12,7 @@ import optax
 from flax.training import train_state
 
 from munet_jax.models import from_config
+from munet_jax.preprocessing import preprocess
 from munet_jax.training.losses import get_loss
 from munet_jax.training.optimizer import create_optimizer, learning_rate_schedule
 
@@ -36,18 +37,24 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
 def make_train_step(config: ml_collections.ConfigDict) -> Callable:
   """`step(state, batch) -> (state, metrics)` for batches {image, label, mask}.
 
-  `batch['mask']` marks real rows; padding rows count neither in the loss nor in the
-  batch-norm statistics. Dropout for step s uses fold_in(dropout_key, s).
+  `batch['image']` is (N, H, W, 1): float, already through `preprocess`, or integer
+  Hounsfield units, which are windowed and scaled here on the device (the data
+  pipeline then moves half the bytes). `batch['mask']` marks real rows; padding rows
+  count neither in the loss nor in the batch-norm statistics. Dropout for step s uses
+  fold_in(dropout_key, s).
   """
   loss_fn = get_loss(config.train.loss)
   schedule = learning_rate_schedule(config)
 
   def step(state: TrainState, batch: dict):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+    images = batch["image"]
+    if jnp.issubdtype(images.dtype, jnp.integer):
+      images = preprocess(images, config)
 
     def objective(params):
       logits, updates = state.apply_fn(
-          {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
           sample_mask=batch["mask"], rngs={"dropout": key}, mutable=["batch_stats"])
       return loss_fn(logits, batch["label"], batch["mask"]), updates["batch_stats"]
 

@@ -1,0 +1,418 @@
+"""Overlap and surface-distance metrics of a segmentation against a reference (SPEC.md).
+
+`segmentation_metrics(pred, ref, spacing)` gives DSC, VOE, RVD, ASSD, MSSD and RMSD with
+exact Euclidean surface distances in physical units, in agreement with medpy 0.5.2
+(`dc`, `1 - jc`, `ravd`, `assd`, `hd`, connectivity 1) wherever medpy is defined.
+
+How the distances are computed (all in one jitted JAX program, CPU or GPU):
+
+* Crop. Every surface voxel lies in the bounding box of ref ∪ pred, and a voxel just
+  outside that box is outside both objects, so the surfaces and all nearest-surface
+  searches can be done inside the box with "outside the box" meaning "background". This
+  also gives SPEC's rule that the array's edge counts as background.
+* Buckets. The box is padded with background up to a bucketed shape, so differently
+  sized cases share one compiled program (`_bucket`); the loops run only over the box's
+  true extent, so the padding costs memory but little time.
+* Exact distance transform, separable (Saito-Toriwaki): with the squared distance
+  D(p) = min over surface voxels q of sum_k s_k^2 (p_k - q_k)^2,
+    pass 1 (axis a) f = the squared distance to the nearest surface voxel on the same
+           line, from the last and next surface index (cumulative max/min): linear;
+    pass 2 (axis b) g(p) = min_t f(p + t e_b) + s_b^2 t^2,  |t| <= r_b;
+    pass 3 (axis c) D(p) = min_u g(p + u e_c) + s_c^2 u^2,  |u| <= r_c.
+  Each offset t is one fused elementwise update of the whole chunk (perfectly vectorised).
+  With windows r_b, r_c covering a physical radius r, the result is the exact distance to
+  the nearest surface voxel within the window; every surface voxel outside it is at least
+  min(s_b (r_b + 1), s_c (r_c + 1)) >= r away, so wherever the result is within that
+  bound it is exact. A chunk whose target voxels are not all within it is searched again
+  with a three times larger radius, up to the whole box, where the bound is infinite.
+  Both directions (distance to S(ref) at S(pred), and to S(pred) at S(ref)) run side by
+  side.
+* Chunks. The box is processed in chunks of a few planes along axis a (the box's longest
+  axis), so memory is the packed box (one byte a voxel) plus chunk-sized temporaries,
+  never anything quadratic. Pass 1 crosses chunks: a first, backward sweep records per
+  chunk the first surface plane after it; the main sweep carries the last one before it.
+
+Precision: squared distances are float32 sums of non-negative terms s_k^2 * i^2 (i an
+exact integer offset), so each is within about 3e-7 relative of the exact value, and so
+is their minimum (the window bound is tested with a 1e-6 relative margin, far above
+that rounding); square roots and all sums over voxels are float64 (a local
+`jax.enable_x64` scope, the rest of the process is untouched). Distances therefore agree
+with an exact float64 computation to better than 1e-6 relative.
+
+Cost: with the box of n_a x n_b x n_c voxels (n_a the longest), time
+O(n_a n_b n_c (r_b + r_c)) where r is about the largest distance in a chunk (so a few
+voxels for a fair segmentation, n_b + n_c at worst), memory O(n_a n_b n_c) bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from munet_jax.errors import UserError
+
+__all__ = ["METRIC_NAMES", "MetricsArgumentError", "segmentation_metrics", "surface"]
+
+METRIC_NAMES = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")  # the result's keys, in order
+
+_MIN_BUCKET = 16           # the smallest padded length of a box axis
+_MIN_CHUNK_PLANES = 8      # keeps the per-chunk bookkeeping at most 1/2 byte a voxel
+_FAR = 1 << 28             # "no surface voxel on this side" plane index
+_FIRST_RADIUS = 6.0        # voxels: most surface distances of a fair segmentation are less
+_RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exceeds it
+_REF, _PRED = 1, 2         # bits of the packed box
+
+# Number of times the kernel has been traced (compiled), per bucketed shape; tests read it.
+_TRACES: dict[tuple[tuple[int, int, int], int, bool], int] = {}
+
+
+class MetricsArgumentError(UserError, ValueError):
+  """Arguments of the wrong shape, dtype or spacing."""
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict[str, float]:
+  """Overlap and surface-distance metrics of `pred` against `ref` (SPEC.md, "Metrics").
+
+  Args:
+    pred: (X, Y) or (X, Y, Z) boolean array (numpy or jax; integer arrays count nonzero
+      as True), the segmentation B.
+    ref: boolean array of the same shape, the reference A.
+    spacing: one positive voxel size per axis, in the arrays' axis order (e.g. mm).
+
+  Returns:
+    {"dsc", "voe", "rvd"} as fractions and {"assd", "mssd", "rmsd"} in the units of
+    `spacing`, all Python floats. Surfaces are the voxels with a face neighbour outside
+    the object (the array's edge counts as outside); distances are exact Euclidean.
+    Both empty: dsc 1, voe 0, rvd 0, distances 0. One empty: dsc 0, voe 1, rvd -1 (pred
+    empty) or +inf (ref empty), distances +inf.
+
+  Raises:
+    MetricsArgumentError (a ValueError): shapes differ, not 2-D or 3-D, not boolean or
+      integer, or `spacing` is not one positive finite number per axis.
+  """
+  pred, ref, spacing = _check_arguments(pred, ref, spacing)
+  box_ref, box_pred = _bounding_box(ref), _bounding_box(pred)
+  if box_ref is None and box_pred is None:
+    return dict(dsc=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0)
+  if box_ref is None or box_pred is None:
+    inf = math.inf
+    return dict(dsc=0.0, voe=1.0, rvd=-1.0 if box_pred is None else inf,
+                assd=inf, mssd=inf, rmsd=inf)
+  box = tuple(slice(min(r.start, p.start), max(r.stop, p.stop))
+              for r, p in zip(box_ref, box_pred))
+  packed, spacing3, sizes, planes = _pack(ref[box], pred[box], spacing)
+  with jax.enable_x64(True):
+    out = _kernel(jnp.asarray(packed), jnp.asarray(spacing3, jnp.float64),
+                  jnp.asarray(sizes, jnp.int32), planes=planes,
+                  flat=pred.ndim == 2)
+    out = jax.device_get(out)
+  volumes, n_surf, sum_d, sum_d2, max_d2 = out
+  n_ref, n_pred, n_both = (int(v) for v in volumes)
+  n_surf = int(n_surf[0]) + int(n_surf[1])
+  return dict(
+      dsc=2.0 * n_both / (n_ref + n_pred),
+      voe=1.0 - n_both / (n_ref + n_pred - n_both),
+      rvd=(n_pred - n_ref) / n_ref,
+      assd=float(sum_d[0] + sum_d[1]) / n_surf,
+      mssd=math.sqrt(float(max(max_d2[0], max_d2[1]))),
+      rmsd=math.sqrt(float(sum_d2[0] + sum_d2[1]) / n_surf),
+  )
+
+
+def surface(mask) -> np.ndarray:
+  """The surface of SPEC.md as a boolean array of `mask`'s shape (2-D or 3-D).
+
+  The voxels of `mask` with at least one face neighbour (4- or 6-neighbourhood) outside
+  it, the array's edge counting as outside. A plain numpy helper for plots and checks.
+  """
+  mask = np.asarray(mask).astype(bool)
+  inner = mask.copy()
+  for axis in range(mask.ndim):
+    for step in (1, -1):
+      inner &= _shift_np(mask, axis, step)
+  return mask & ~inner
+
+
+def _shift_np(x: np.ndarray, axis: int, step: int) -> np.ndarray:
+  """x moved by `step` along `axis`, filled with False: out[i] = x[i + step]."""
+  out = np.zeros_like(x)
+  src = [slice(None)] * x.ndim
+  dst = [slice(None)] * x.ndim
+  src[axis] = slice(step, None) if step > 0 else slice(None, step)
+  dst[axis] = slice(None, -step) if step > 0 else slice(-step, None)
+  out[tuple(dst)] = x[tuple(src)]
+  return out
+
+
+def _check_arguments(pred, ref, spacing):
+  arrays = []
+  for name, x in (("pred", pred), ("ref", ref)):
+    try:
+      x = np.asarray(x)
+    except Exception as e:  # objects numpy cannot hold
+      raise MetricsArgumentError(f"segmentation_metrics: {name} is not an array ({e})")
+    if x.dtype != np.bool_ and not np.issubdtype(x.dtype, np.integer):
+      raise MetricsArgumentError(
+          f"segmentation_metrics: {name} must be a boolean mask, got dtype {x.dtype}")
+    if x.ndim not in (2, 3):
+      raise MetricsArgumentError(
+          f"segmentation_metrics: {name} must be 2-D or 3-D, got shape {x.shape}")
+    arrays.append(x if x.dtype == np.bool_ else x != 0)
+  pred, ref = arrays
+  if pred.shape != ref.shape:
+    raise MetricsArgumentError(
+        f"segmentation_metrics: pred and ref differ in shape: {pred.shape} vs {ref.shape}")
+  try:
+    values = np.asarray(spacing, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise MetricsArgumentError(
+        f"segmentation_metrics: spacing must be {pred.ndim} numbers, got {spacing!r}") from None
+  if values.shape != (pred.ndim,):
+    raise MetricsArgumentError(
+        f"segmentation_metrics: spacing must have one value per axis ({pred.ndim}), "
+        f"got {spacing!r}")
+  if not np.all(np.isfinite(values)) or np.any(values <= 0):
+    raise MetricsArgumentError(
+        f"segmentation_metrics: spacing must be positive and finite, got {spacing!r}")
+  return pred, ref, tuple(float(v) for v in values)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+  """The smallest box holding every True voxel, or None for an empty mask."""
+  if mask.size == 0:
+    return None
+  m = np.ascontiguousarray(mask).view(np.uint8)
+  rows = m.reshape(m.shape[0], -1).max(axis=1)   # one streaming pass each, no temporaries
+  rest = m.max(axis=0)                            # of the volume's size
+  hits = [np.flatnonzero(rows)]
+  for axis in range(rest.ndim):
+    other = tuple(i for i in range(rest.ndim) if i != axis)
+    hits.append(np.flatnonzero(rest.max(axis=other) if other else rest))
+  if hits[0].size == 0:
+    return None
+  return tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits)
+
+
+def _bucket(n: int) -> int:
+  """The padded length of a box axis (b or c) of `n` voxels.
+
+  16, 32 or 64 up to 64 voxels (small boxes cost little, so coarse steps there save
+  compilations), then four steps per octave (80, 96, 112, 128, 160, ...: at most 25 %
+  more), so a data set of similar organs compiles a handful of shapes. A length of 1 (a
+  2-D input's added axis, or a box one voxel thick) stays 1.
+  """
+  if n <= 1:
+    return 1
+  if n <= 64:
+    return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
+  step = 1 << (n.bit_length() - 3)
+  return -(-n // step) * step
+
+
+def _chunk_elements() -> int:
+  """Voxels per chunk and direction: 1 MiB of float32 stays in a CPU core's cache; an
+  accelerator wants fewer, larger steps."""
+  return 1 << 18 if jax.default_backend() == "cpu" else 1 << 21
+
+
+def _pack(ref_box: np.ndarray, pred_box: np.ndarray, spacing: tuple[float, ...]):
+  """The box as one uint8 array of bucketed shape (N_a + 2, N_b, N_c), axes reordered.
+
+  Axis a (chunked, the linear pass) is the box's longest; axis c (contiguous in memory,
+  vectorised) the next. 2-D boxes get a length-1 axis b. Planes 0 and N_a + 1 are a
+  background halo so that chunk slices need no bounds checks.
+  """
+  if ref_box.ndim == 2:
+    ref_box, pred_box = ref_box[..., None], pred_box[..., None]
+    spacing = spacing + (1.0,)   # any value: all offsets along this axis are 0
+  sizes = ref_box.shape
+  a, c, b = sorted(range(3), key=lambda i: (-sizes[i], i))
+  order = (a, b, c)
+  ref_box, pred_box = ref_box.transpose(order), pred_box.transpose(order)
+  n_a, n_b, n_c = ref_box.shape
+  shape_b, shape_c = _bucket(n_b), _bucket(n_c)
+  # Planes in a chunk: a power of two near _chunk_elements() voxels, or the whole box.
+  fit = _chunk_elements() // (shape_b * shape_c)
+  planes = max(_MIN_CHUNK_PLANES, 1 << max(0, fit.bit_length() - 1))
+  planes = min(planes, max(_MIN_BUCKET, 1 << (n_a - 1).bit_length()))
+  chunks = 1 << (-(-n_a // planes) - 1).bit_length()  # a power of two: costs memory only
+  packed = np.zeros((chunks * planes + 2, shape_b, shape_c), np.uint8)
+  view = packed[1:n_a + 1, :n_b, :n_c]
+  view[...] = ref_box
+  view |= pred_box.astype(np.uint8) << 1
+  return packed, tuple(spacing[i] for i in order), (n_a, n_b, n_c), planes
+
+
+# ---------------------------------------------------------------------------- device side
+
+
+def _shift(x, axis: int, step: int):
+  """x moved by `step` (+1 or -1) along `axis`, filled with False: out[i] = x[i + step]."""
+  n = x.shape[axis]
+  if step > 0:
+    kept = jax.lax.slice_in_dim(x, 1, n, axis=axis)
+    pad = [(0, 0, 0)] * x.ndim
+    pad[axis] = (0, 1, 0)
+  else:
+    kept = jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)
+    pad = [(0, 0, 0)] * x.ndim
+    pad[axis] = (1, 0, 0)
+  return jax.lax.pad(kept, jnp.zeros((), x.dtype), pad)
+
+
+def _chunk_surfaces(packed, start, planes, flat):
+  """Surfaces of ref and pred in planes [start, start + planes) of the box.
+
+  Returns the objects and their surfaces, each (2, planes, N_b, N_c) booleans ordered
+  [ref, pred] and [S(ref), S(pred)]. `packed` has one halo plane
+  each end, so the slice [start, start + planes + 2) holds the neighbours along a. With
+  `flat` (a 2-D input), axis b is not an image axis and has no neighbours.
+  """
+  x = jax.lax.dynamic_slice_in_dim(packed, start, planes + 2, axis=0)
+  objects = jnp.stack([(x & _REF) != 0, (x & _PRED) != 0])     # (2, planes + 2, B, C)
+  inner = objects[:, :-2] & objects[:, 2:]
+  core = objects[:, 1:-1]
+  for axis in (3,) if flat else (2, 3):
+    inner = inner & _shift(core, axis, 1) & _shift(core, axis, -1)
+  return core, core & ~inner
+
+
+@functools.partial(jax.jit, static_argnames=("planes", "flat"))
+def _kernel(packed, spacing, sizes, planes, flat):
+  """Counts and surface-distance sums of the packed box (see the module docstring).
+
+  Args:
+    packed: (N_a + 2, N_b, N_c) uint8, bit 0 ref, bit 1 pred, planes 0 and N_a + 1 empty.
+    spacing: (3,) float64 voxel sizes along a, b, c.
+    sizes: (3,) int32 extent of the box along a, b, c (the rest is padding).
+    planes: planes in a chunk along a; N_a is a multiple of it.
+    flat: a 2-D input; axis b is an added axis of length 1.
+
+  Returns:
+    [|ref|, |pred|, |ref ∩ pred|], and per direction (0: at S(pred) to S(ref), 1: at S(ref)
+    to S(pred)) the number of surface voxels, the sums of distances and of squared
+    distances and the largest squared distance.
+  """
+  shape = packed.shape
+  _TRACES[shape, planes, flat] = _TRACES.get((shape, planes, flat), 0) + 1
+  chunks = (shape[0] - 2) // planes
+  _, shape_b, shape_c = shape
+  n_a, n_b, n_c = sizes[0], sizes[1], sizes[2]
+  used = (n_a + planes - 1) // planes
+  s2 = (spacing * spacing).astype(jnp.float32)
+  far = jnp.int32(_FAR)
+
+  def plane_index(j):
+    return (j * planes + jnp.arange(planes, dtype=jnp.int32))[None, :, None, None]
+
+  # Sweep 1, backwards: per chunk j and (source, b, c) line, the first surface plane after
+  # the chunk (the running minimum is carried, so no scan temporaries of this size).
+  # Stored as int16 where plane indices fit (half the memory), its maximum meaning "none".
+  stored = jnp.int16 if shape[0] < np.iinfo(np.int16).max else jnp.int32
+  none = np.iinfo(stored).max
+
+  def first_after(i, carry):
+    after, first = carry
+    j = used - 1 - i
+    kept = jnp.where(first == far, none, first).astype(stored)
+    after = jax.lax.dynamic_update_index_in_dim(after, kept, j, axis=0)
+    _, source = _chunk_surfaces(packed, j * planes, planes, flat)
+    first = jnp.minimum(first, jnp.min(jnp.where(source, plane_index(j), far), axis=1))
+    return after, first
+
+  after, _ = jax.lax.fori_loop(
+      0, used, first_after, (jnp.full((chunks, 2, shape_b, shape_c), none, stored),
+                             jnp.full((2, shape_b, shape_c), far, jnp.int32)))
+
+  # The first search radius of passes 2 and 3 (physical units), in voxels of the finer
+  # of axes b and c (axis b of a 2-D input is not an image axis).
+  fine = jnp.minimum(jnp.where(n_b > 1, s2[1], jnp.inf), s2[2])
+  first_radius = _FIRST_RADIUS * jnp.sqrt(fine)
+
+  def window_pass(x, axis, radius, s2_axis):
+    """min over |t| <= radius of x moved by t along `axis` (inf beyond) + s2_axis t^2."""
+    n = x.shape[axis]
+    padding = [(0, 0)] * x.ndim
+    padding[axis] = (n, n)
+    padded = jnp.pad(x, padding, constant_values=jnp.inf)
+
+    def shift(i, out):
+      t = i - radius
+      moved = jax.lax.dynamic_slice_in_dim(padded, n + t, n, axis=axis)
+      t = t.astype(jnp.float32)
+      return jnp.minimum(out, moved + t * t * s2_axis)
+
+    return jax.lax.fori_loop(0, 2 * radius + 1, shift, jnp.full_like(x, jnp.inf))
+
+  def search(f, target):
+    """Squared distances to the nearest source voxel, exact at the target voxels.
+
+    Passes 2 and 3 look only at offsets up to a radius; the result is then exact for the
+    voxels whose distance is within the radius, since every source outside the window is
+    at least the radius away. While some target is not, the radius grows threefold, up to
+    the whole box (where nothing is outside the window).
+    """
+    def widen(state):
+      radius, _, _ = state
+      # In voxels along b and c, no more than the box needs (clamped before the cast).
+      r_b = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[1])), n_b - 1).astype(jnp.int32)
+      r_c = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[2])), n_c - 1).astype(jnp.int32)
+      d2 = window_pass(window_pass(f, 2, r_b, s2[1]), 3, r_c, s2[2])
+      outside_b = jnp.where(r_b < n_b - 1, s2[1] * ((r_b + 1) ** 2).astype(jnp.float32),
+                            jnp.inf)
+      outside_c = jnp.where(r_c < n_c - 1, s2[2] * ((r_c + 1) ** 2).astype(jnp.float32),
+                            jnp.inf)
+      # A relative margin well above float32 rounding keeps the test on the safe side.
+      bound = jnp.minimum(outside_b, outside_c) * (1.0 - 1e-6)
+      exact = jnp.all(~target | (d2 <= bound))
+      return radius * _RADIUS_GROWTH, d2, exact
+
+    _, d2, _ = jax.lax.while_loop(lambda state: ~state[2], widen,
+                                  (first_radius, jnp.zeros_like(f), jnp.bool_(False)))
+    return d2
+
+  def chunk_step(j, carry):
+    last, volumes, count, sum_d, sum_d2, max_d2 = carry
+    objects, source = _chunk_surfaces(packed, j * planes, planes, flat)
+    # |ref|, |pred|, |ref ∩ pred|; int32 within a chunk, int64 across chunks.
+    volumes = volumes + jnp.stack([jnp.sum(objects[0], dtype=jnp.int32),
+                                   jnp.sum(objects[1], dtype=jnp.int32),
+                                   jnp.sum(objects[0] & objects[1], dtype=jnp.int32)])
+    target = source[::-1]        # distances to S(ref) at S(pred), and the reverse
+    index = plane_index(j)
+    # Pass 1, along a: the nearest surface plane before/after each voxel on its line.
+    before = jnp.maximum(jax.lax.cummax(jnp.where(source, index, -far), axis=1),
+                         last[:, None])
+    next_chunks = jax.lax.dynamic_index_in_dim(after, j, axis=0, keepdims=False)
+    next_chunks = jnp.where(next_chunks == none, far, next_chunks.astype(jnp.int32))
+    nxt = jnp.minimum(jax.lax.cummin(jnp.where(source, index, far), axis=1, reverse=True),
+                      next_chunks[:, None])
+    gap = jnp.minimum(index - before, nxt - index)
+    gap = gap.astype(jnp.float32)
+    f = jnp.where(gap < _FAR // 2, gap * gap * s2[0], jnp.inf)
+    last = jnp.maximum(last, before[:, -1])
+    # Passes 2 and 3, along b and c.
+    d2 = search(f, target)
+
+    d2 = jnp.where(target, d2, 0.0)
+    wide = d2.astype(jnp.float64)
+    axes = (1, 2, 3)
+    count = count + jnp.sum(target, axis=axes, dtype=jnp.int32)
+    sum_d = sum_d + jnp.sum(jnp.sqrt(wide), axis=axes)
+    sum_d2 = sum_d2 + jnp.sum(wide, axis=axes)
+    max_d2 = jnp.maximum(max_d2, jnp.max(d2, axis=axes).astype(jnp.float64))
+    return last, volumes, count, sum_d, sum_d2, max_d2
+
+  init = (jnp.full((2, shape_b, shape_c), -far, jnp.int32), jnp.zeros(3, jnp.int64),
+          jnp.zeros(2, jnp.int64),
+          jnp.zeros(2, jnp.float64), jnp.zeros(2, jnp.float64), jnp.zeros(2, jnp.float64))
+  _, volumes, count, sum_d, sum_d2, max_d2 = jax.lax.fori_loop(0, used, chunk_step, init)
+  return volumes, count, sum_d, sum_d2, max_d2
