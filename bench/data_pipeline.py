@@ -8,7 +8,8 @@ for int16 HU images (what the pipeline ships) and for float32 images preprocesse
 workers, side by side in one run (the machine is shared: compare the ratio), and int16
 with no worker processes for reference. The first --warmup batches (worker start-up) are
 not timed. Delivered batches are arrays this process owns (copied out of the workers'
-shared-memory slots).
+shared-memory slots). 'trainer-process CPU' is the CPU time of this (the training)
+process per batch, all its threads: what the pipeline takes from the training step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import platform
 import sys
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,13 +41,13 @@ def time_pipeline(slice_store, config, batch: int, batches: int, warmup: int,
   try:
     for _ in range(warmup):
       next(it)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
       next(it)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
   finally:
     it.close()
-  return batches * batch / elapsed
+  return batches * batch / elapsed, cpu / batches * 1e3
 
 
 def main(argv=None) -> int:
@@ -91,15 +94,18 @@ def main(argv=None) -> int:
   for _ in range(args.repeats):
     for name, preprocessed, workers in variants:
       config.data.num_workers = workers
-      rate = time_pipeline(slice_store, config, args.batch, args.batches, args.warmup,
-                           preprocessed)
-      results[name].append(rate)
-      print(f"  {name:40s} {rate:8.1f} slices/s", flush=True)
+      rate, cpu_ms = time_pipeline(slice_store, config, args.batch, args.batches, args.warmup,
+                                   preprocessed)
+      results[name].append((rate, cpu_ms))
+      print(f"  {name:40s} {rate:8.1f} slices/s, trainer process CPU {cpu_ms:5.1f} ms/batch",
+            flush=True)
   print(f"load after: {_load()}")
-  print("| image | slices/s (best of runs) | all runs |")
-  print("| --- | --- | --- |")
-  for name, rates in results.items():
-    print(f"| {name} | {max(rates):.0f} | {', '.join(f'{r:.0f}' for r in rates)} |")
+  print("| pipeline | slices/s, best | slices/s, all runs | trainer-process CPU ms/batch, median |")
+  print("| --- | --- | --- | --- |")
+  for name, runs in results.items():
+    rates = [r for r, _ in runs]
+    cpu = float(np.median([c for _, c in runs]))
+    print(f"| {name} | {max(rates):.0f} | {', '.join(f'{r:.0f}' for r in rates)} | {cpu:.1f} |")
   return 0
 
 

@@ -2,7 +2,8 @@
 
   PYTHONPATH=. python bench/prepare_memory.py [--data /tmp/munet_bench_900] [--slices 900]
 
-Writes one int16 CT-like volume with its label as .nii.gz and as .nii (LiTS ships .nii),
+Writes one CT-like volume with its label as int16 .nii.gz, int16 .nii (LiTS ships .nii)
+and float32 .nii.gz (what some converters write; it is read as float32, twice the bytes),
 then prepares each in a fresh child process that reports its peak resident memory
 (`ru_maxrss`) after the imports and after `store.prepare_store`. The budget is 3 GiB.
 """
@@ -24,18 +25,18 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _write_volume(root: str, ext: str, size: int, slices: int) -> None:
+def _write_volume(root: str, ext: str, size: int, slices: int, dtype=np.int16) -> None:
   from munet_jax.data import nifti
   os.makedirs(root, exist_ok=True)
   rng = np.random.default_rng(0)
   x = np.linspace(-1, 1, size, dtype=np.float32)
   body = (x[:, None] / 0.9) ** 2 + (x[None, :] / 0.7) ** 2 < 1
   liver = ((x[:, None] + 0.3) / 0.35) ** 2 + ((x[None, :] - 0.1) / 0.3) ** 2 < 1
-  hu = np.empty((size, size, slices), np.int16)
+  hu = np.empty((size, size, slices), dtype)
   labels = np.zeros((size, size, slices), np.uint8)
   for z in range(slices):   # slice by slice: the writer's memory is not what is measured
     noise = rng.normal(0, 15, (size, size)).astype(np.float32)
-    hu[:, :, z] = np.where(body, 40 + noise, -1000 + noise / 5).astype(np.int16)
+    hu[:, :, z] = np.rint(np.where(body, 40 + noise, -1000 + noise / 5))
     if slices // 3 <= z < 2 * slices // 3:
       hu[:, :, z][liver] = 60
       labels[:, :, z][liver] = 1
@@ -84,10 +85,10 @@ def main(argv=None) -> int:
   print(f"volume: {args.size}x{args.size}x{args.slices} int16 = {volume_mib:.0f} MiB")
   print("| file | file size | peak RSS after imports | peak RSS preparing | time |")
   print("| --- | --- | --- | --- | --- |")
-  for ext in (".nii.gz", ".nii"):
-    root = os.path.join(args.data, ext.strip(".").replace(".", "_"))
+  for ext, dtype in ((".nii.gz", np.int16), (".nii", np.int16), (".nii.gz", np.float32)):
+    root = os.path.join(args.data, ext.strip(".").replace(".", "_") + f"_{np.dtype(dtype).name}")
     if not os.path.exists(os.path.join(root, f"volume-0{ext}")):
-      _write_volume(root, ext, args.size, args.slices)   # before any child: see _peak_kib
+      _write_volume(root, ext, args.size, args.slices, dtype)   # before any child: _peak_kib
     cache = os.path.join(args.data, "cache" + ext.replace(".", "_"))
     shutil.rmtree(cache, ignore_errors=True)
     run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", root, cache],
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
                              os.path.dirname(os.path.abspath(__file__)))})
     r = json.loads(run.stdout.strip().splitlines()[-1])
     size = os.path.getsize(os.path.join(root, f"volume-0{ext}")) / 2**20
-    print(f"| {ext} | {size:.0f} MiB | {r['after_imports_kib'] / 2**20:.2f} GiB | "
+    print(f"| {ext}, {np.dtype(dtype).name} | {size:.0f} MiB | {r['after_imports_kib'] / 2**20:.2f} GiB | "
           f"{r['peak_kib'] / 2**20:.2f} GiB | {r['seconds']:.1f} s |", flush=True)
     shutil.rmtree(cache, ignore_errors=True)
   return 0
