@@ -173,6 +173,13 @@ def test_set_state_rejects_a_damaged_state(train_store):
     it.set_state({"version": 1})
 
 
+def _our_shared_memory():
+  """This process's pipeline segments in /dev/shm (Linux); None where it cannot be seen."""
+  if not os.path.isdir("/dev/shm"):
+    return None
+  return [f for f in os.listdir("/dev/shm") if f.startswith(f"munet-{os.getpid()}-")]
+
+
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume_exactly(train_store):
   in_process = _take(_iterator(train_store, _config(num_workers=0)), 8)
@@ -180,8 +187,10 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly(train_store):
   try:
     first = [next(it) for _ in range(5)]
     state = it.get_state()
+    assert _our_shared_memory() != []     # the workers' slots exist while running
   finally:
     it.close()
+  assert _our_shared_memory() in ([], None)   # and are freed by close
   resumed = _iterator(train_store, _config(num_workers=2))
   resumed.set_state(state)
   rest = _take(resumed, 3)

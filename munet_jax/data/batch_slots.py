@@ -146,6 +146,7 @@ class SlotPool:
         s.header[0] = 1
 
   def destroy(self) -> None:
+    self.stop()
     for s in self.segments:
       shm = s.shm
       s.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import signal
 import weakref
 from typing import Any
 
@@ -52,8 +53,15 @@ _worker_index = None    # this Grain worker's index; None in the main process
 
 
 def _mark_worker(index: int, count: int) -> None:
+  """Grain worker start-up: remembers the worker's index and leaves Ctrl-C to the trainer.
+
+  Ctrl-C reaches the whole process group; the training loop answers it by saving a
+  checkpoint and closing the iterator, which stops the workers. Left to the default,
+  each worker would die at once with a KeyboardInterrupt traceback of its own.
+  """
   global _worker_index
   _worker_index = index
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _absl_flags_default() -> None:

@@ -417,7 +417,11 @@ def _read_index(cache_dir: str) -> dict:
 
 
 def _write_index(cache_dir: str, index: dict) -> None:
-  _write_json(os.path.join(cache_dir, INDEX), index)
+  path = os.path.join(cache_dir, INDEX)
+  try:
+    _write_json(path, index)
+  except OSError as e:
+    raise UserError(f"{path}: cannot write the slice store index ({e.strerror or e})") from e
 
 
 def _write_json(path: str, value) -> None:
@@ -438,6 +442,8 @@ def _remove_stale(cache_dir: str, entries: dict) -> None:
   """Removes temporary folders of crashed preparations and folders no entry points to."""
   keep = {os.path.normpath(e["folder"]) for e in entries.values()}
   base = os.path.join(cache_dir, VOLUMES)
+  if not os.path.isdir(base):
+    return
   for name in os.listdir(base):
     if os.path.normpath(os.path.join(VOLUMES, name)) not in keep:
       shutil.rmtree(os.path.join(base, name), ignore_errors=True)
