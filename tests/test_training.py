@@ -155,6 +155,22 @@ def test_checkpoints_keep_the_last_k_and_the_best(tmp_path, tiny_state):
   ckpt.close()
 
 
+def test_a_resumed_run_ranks_checkpoints_saved_before_it_without_metrics(tmp_path, tiny_state):
+  c, state = tiny_state
+  first = Checkpointer(str(tmp_path), keep=2)
+  for step in (1, 2):
+    first.save(step, state, {}, c)
+    first.wait()
+  first.close()
+  resumed = Checkpointer(str(tmp_path), keep=2)   # reads steps 1 and 2 back from disk
+  for step, dsc in [(3, 0.8), (4, None), (5, None)]:
+    resumed.save(step, state, {}, c, metrics=None if dsc is None else {"liver_dsc": dsc})
+    resumed.wait()
+  assert resumed.steps() == [3, 4, 5]
+  assert resumed.best_step() == 3
+  resumed.close()
+
+
 def test_load_returns_the_config_and_variables(tmp_path, tiny_state):
   c, state = tiny_state
   ckpt = Checkpointer(str(tmp_path))

@@ -35,8 +35,9 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, *, read_only: bool = False):
     preserve = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
-                       keep_checkpoints_without_metrics=False),
+        # Checkpoints a resumed run reads back from disk carry {} as metrics.
+        policies.BestN(get_metric_fn=lambda m: m.get(BEST_METRIC, float("-inf")),
+                       reverse=False, n=1, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=True, preservation_policy=preserve,
