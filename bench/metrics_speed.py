@@ -200,7 +200,7 @@ def main(argv=None):
       elif platform == "cpu":
         sys.exit(f"our CPU run failed: {error}")
       else:
-        print(f"no GPU run ({error[0][:100]})")
+        print(f"no GPU run (JAX_PLATFORMS=cuda: {error[0][:100]})")
     if not args.no_medpy:
       result, error = run_worker("medpy", data, args)
       if not result:

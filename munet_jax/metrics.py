@@ -60,7 +60,7 @@ __all__ = ["METRIC_NAMES", "MetricsArgumentError", "segmentation_metrics", "surf
 
 METRIC_NAMES = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")  # the result's keys, in order
 
-_MIN_BUCKET = 16           # the smallest padded length of a box axis
+_MIN_BUCKET = 32           # the smallest padded length of a box axis
 _MIN_CHUNK_PLANES = 8      # keeps the per-chunk bookkeeping at most 1/2 byte a voxel
 _FAR = 1 << 28             # "no surface voxel on this side" plane index
 _FIRST_RADIUS = 6.0        # voxels: most surface distances of a fair segmentation are less
@@ -204,7 +204,7 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 def _bucket(n: int) -> int:
   """The padded length of a box axis (b or c) of `n` voxels.
 
-  16, 32 or 64 up to 64 voxels (small boxes cost little, so coarse steps there save
+  32 or 64 up to 64 voxels (small boxes cost little, so coarse steps there save
   compilations), then four steps per octave (80, 96, 112, 128, 160, ...: at most 25 %
   more), so a data set of similar organs compiles a handful of shapes. A length of 1 (a
   2-D input's added axis, or a box one voxel thick) stays 1.
@@ -226,15 +226,23 @@ def _chunk_elements() -> int:
 def _pack(ref_box: np.ndarray, pred_box: np.ndarray, spacing: tuple[float, ...]):
   """The box as one uint8 array of bucketed shape (N_a + 2, N_b, N_c), axes reordered.
 
-  Axis a (chunked, the linear pass) is the box's longest; axis c (contiguous in memory,
-  vectorised) the next. 2-D boxes get a length-1 axis b. Planes 0 and N_a + 1 are a
-  background halo so that chunk slices need no bounds checks.
+  Axis a (chunked, the exact linear pass) is the one a windowed search would cost most
+  voxels along: the finest spacing, then the longest (passes 2 and 3 cost the window's
+  length in voxels along b and c, up to their whole length). Axis c (contiguous in memory,
+  vectorised) is the longer of the others. 2-D boxes get a length-1 axis b. Planes 0 and
+  N_a + 1 are a background halo so that chunk slices need no bounds checks.
   """
+  axes = [0, 1, 2]
   if ref_box.ndim == 2:
     ref_box, pred_box = ref_box[..., None], pred_box[..., None]
     spacing = spacing + (1.0,)   # any value: all offsets along this axis are 0
+    axes = [0, 1]
   sizes = ref_box.shape
-  a, c, b = sorted(range(3), key=lambda i: (-sizes[i], i))
+  finest = min(spacing[i] for i in axes)
+  # Voxels along each axis within a typical search radius (16 of the finest voxels).
+  window = {i: min(sizes[i], 16.0 * finest / spacing[i]) for i in axes}
+  a = max(axes, key=lambda i: (window[i], sizes[i], -i))
+  c, b = sorted((i for i in range(3) if i != a), key=lambda i: (i not in axes, -sizes[i], i))
   order = (a, b, c)
   ref_box, pred_box = ref_box.transpose(order), pred_box.transpose(order)
   n_a, n_b, n_c = ref_box.shape
