@@ -61,7 +61,9 @@ __all__ = ["METRIC_NAMES", "MetricsArgumentError", "segmentation_metrics", "surf
 METRIC_NAMES = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")  # the result's keys, in order
 
 _MIN_BUCKET = 32           # the smallest padded length of a box axis
+_CHUNK_VOXELS = 1 << 18    # per direction: 1 MiB of float32, about a CPU core's cache
 _MIN_CHUNK_PLANES = 8      # keeps the per-chunk bookkeeping at most 1/2 byte a voxel
+_MAX_CHUNK_PLANES = 16     # thin chunks: one far voxel widens the search for fewer others
 _FAR = 1 << 28             # "no surface voxel on this side" plane index
 _FIRST_RADIUS = 6.0        # voxels: most surface distances of a fair segmentation are less
 _RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exceeds it
@@ -217,12 +219,6 @@ def _bucket(n: int) -> int:
   return -(-n // step) * step
 
 
-def _chunk_elements() -> int:
-  """Voxels per chunk and direction: 1 MiB of float32 stays in a CPU core's cache; an
-  accelerator wants fewer, larger steps."""
-  return 1 << 18 if jax.default_backend() == "cpu" else 1 << 21
-
-
 def _pack(ref_box: np.ndarray, pred_box: np.ndarray, spacing: tuple[float, ...]):
   """The box as one uint8 array of bucketed shape (N_a + 2, N_b, N_c), axes reordered.
 
@@ -247,12 +243,13 @@ def _pack(ref_box: np.ndarray, pred_box: np.ndarray, spacing: tuple[float, ...])
   ref_box, pred_box = ref_box.transpose(order), pred_box.transpose(order)
   n_a, n_b, n_c = ref_box.shape
   shape_b, shape_c = _bucket(n_b), _bucket(n_c)
-  # Planes in a chunk: a power of two near _chunk_elements() voxels, or the whole box.
-  fit = _chunk_elements() // (shape_b * shape_c)
-  planes = max(_MIN_CHUNK_PLANES, 1 << max(0, fit.bit_length() - 1))
-  planes = min(planes, max(_MIN_BUCKET, 1 << (n_a - 1).bit_length()))
-  chunks = 1 << (-(-n_a // planes) - 1).bit_length()  # a power of two: costs memory only
-  packed = np.zeros((chunks * planes + 2, shape_b, shape_c), np.uint8)
+  # Planes in a chunk: a power of two near _CHUNK_VOXELS voxels, within bounds.
+  fit = _CHUNK_VOXELS // (shape_b * shape_c)
+  planes = min(_MAX_CHUNK_PLANES, max(_MIN_CHUNK_PLANES, 1 << max(0, fit.bit_length() - 1)))
+  # A power of two of chunks (padding along a costs memory only: the loops stop at n_a).
+  chunks = 1 << (-(-n_a // planes) - 1).bit_length()
+  shape_a = max(chunks * planes, _MIN_BUCKET)
+  packed = np.zeros((shape_a + 2, shape_b, shape_c), np.uint8)
   view = packed[1:n_a + 1, :n_b, :n_c]
   view[...] = ref_box
   view |= pred_box.astype(np.uint8) << 1

@@ -232,7 +232,7 @@ def test_chunked_sweep_agrees_with_medpy(monkeypatch):
   # Small chunks (8 planes) so these boxes span several chunks, as big volumes do: the
   # nearest surface along axis a is then found across chunk boundaries.
   # Axis 0 is the longest and the finest, so it is the chunked one.
-  monkeypatch.setattr(metrics, "_chunk_elements", lambda: 8 * 32 * 32)
+  monkeypatch.setattr(metrics, "_MAX_CHUNK_PLANES", 8)
   rng = np.random.default_rng(7)
   for i in range(30):
     shape = ((40, 16, 16), (48, 9, 31), (64, 20, 12))[i % 3]
