@@ -392,7 +392,7 @@ def test_bad_arguments_are_value_errors(pred, ref, spacing, message):
     # longest), so the boxes differ in size only.
     [((20, 10, 20), (0.7, 0.7, 0.7)), ((25, 12, 30), (1.3, 1.3, 2.5)),
      ((31, 15, 18), (2.0, 2.0, 2.0)), ((18, 3, 17), (0.5, 0.6, 0.6))],
-    [((100, 70, 90), (1.0, 1.0, 1.0)), ((120, 66, 85), (0.8, 0.8, 0.9)),
+    [((100, 70, 90), (1.0, 1.0, 1.0)), ((120, 66, 85), (0.8, 0.9, 0.8)),
      ((96, 80, 90), (1.5, 1.5, 1.5))],
 ], ids=["small", "medium"])
 def test_one_compilation_per_bucket(group):
@@ -422,4 +422,4 @@ def test_memory_grows_linearly_with_the_box():
   added_voxels = (512 - 128) * 64 * 64
   assert temps[1] - temps[0] < 0.5 * added_voxels
   chunk_voxels = 2 * 64 * 64 * 64   # both directions
-  assert temps[0] < 48 * chunk_voxels
+  assert temps[0] < 96 * chunk_voxels
