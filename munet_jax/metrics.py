@@ -21,8 +21,9 @@ How the distances are computed (all in one jitted JAX program, CPU or GPU):
     pass 3 (axis c) D(p) = min_u g(p + u e_c) + s_c^2 u^2,  |u| <= r_c.
   Each offset t of pass 2 is one fused elementwise update of the whole chunk (perfectly
   vectorised). Pass 3 is needed only at the other surface's voxels: when they are few
-  (under 1/8 of the chunk, as for any organ) they are gathered into a list and pass 3
-  reads g along c for them alone; otherwise it runs densely like pass 2.
+  (under 1/64 of the chunk: large, smooth objects) they are gathered into a list and
+  pass 3 reads g along c for them alone; otherwise it runs densely like pass 2 (a dense
+  step is so much cheaper per voxel than a gather on a CPU that this pays off only then).
   With windows r_b, r_c covering a physical radius r, the result is the exact distance to
   the nearest surface voxel within the window; every surface voxel outside it is at least
   min(s_b (r_b + 1), s_c (r_c + 1)) >= r away, so wherever the result is within that
@@ -72,7 +73,7 @@ _MAX_CHUNK_PLANES = 16     # thin chunks: one far voxel widens the search for fe
 _FAR = 1 << 28             # "no surface voxel on this side" plane index
 _FIRST_RADIUS = 6.0        # voxels: most surface distances of a fair segmentation are less
 _RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exceeds it
-_SPARSE_FRACTION = 8       # pass 3 gathers at the targets when they are under 1/8 of a chunk
+_SPARSE_FRACTION = 64      # pass 3 gathers at the targets when under 1/64 of a chunk
 _REF, _PRED = 1, 2         # bits of the packed box
 
 # Number of times the kernel has been traced (compiled), per bucketed shape; tests read it.
