@@ -20,10 +20,11 @@ How the distances are computed (all in one jitted JAX program, CPU or GPU):
     pass 2 (axis b) g(p) = min_t f(p + t e_b) + s_b^2 t^2,  |t| <= r_b;
     pass 3 (axis c) D(p) = min_u g(p + u e_c) + s_c^2 u^2,  |u| <= r_c.
   Each offset t of pass 2 is one fused elementwise update of the whole chunk (perfectly
-  vectorised). Pass 3 is needed only at the other surface's voxels: when they are few
-  (under 1/64 of the chunk: large, smooth objects) they are gathered into a list and
-  pass 3 reads g along c for them alone; otherwise it runs densely like pass 2 (a dense
-  step is so much cheaper per voxel than a gather on a CPU that this pays off only then).
+  vectorised). Pass 3 is needed only at the other surface's voxels: in big chunks (a
+  million voxels or more) where they are few (under 1/64: large, smooth objects), they
+  are gathered into a list and pass 3 reads g along c for them alone; otherwise it runs
+  densely like pass 2 (a dense step is so much cheaper per voxel than a gather on a CPU
+  that gathering pays off only then, and small boxes compile faster without it).
   With windows r_b, r_c covering a physical radius r, the result is the exact distance to
   the nearest surface voxel within the window; every surface voxel outside it is at least
   min(s_b (r_b + 1), s_c (r_c + 1)) >= r away, so wherever the result is within that
@@ -74,10 +75,11 @@ _FAR = 1 << 28             # "no surface voxel on this side" plane index
 _FIRST_RADIUS = 6.0        # voxels: most surface distances of a fair segmentation are less
 _RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exceeds it
 _SPARSE_FRACTION = 64      # pass 3 gathers at the targets when under 1/64 of a chunk
+_GATHER_CHUNK = 1 << 20    # ... of at least this many voxels (both directions)
 _REF, _PRED = 1, 2         # bits of the packed box
 
 # Number of times the kernel has been traced (compiled), per bucketed shape; tests read it.
-_TRACES: dict[tuple[tuple[int, int, int], int, bool], int] = {}
+_TRACES: dict[tuple[tuple[int, int, int], int, bool, bool], int] = {}
 
 
 class MetricsArgumentError(UserError, ValueError):
@@ -121,7 +123,7 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict[str, float
   with jax.enable_x64(True):
     out = _kernel(jnp.asarray(packed), jnp.asarray(spacing3, jnp.float64),
                   jnp.asarray(sizes, jnp.int32), planes=planes,
-                  flat=pred.ndim == 2)
+                  flat=pred.ndim == 2, gather=2 * packed[0].size * planes >= _GATHER_CHUNK)
     out = jax.device_get(out)
   volumes, n_surf, sum_d, sum_d2, max_d2 = out
   n_ref, n_pred, n_both = (int(v) for v in volumes)
@@ -297,8 +299,8 @@ def _chunk_surfaces(packed, start, planes, flat):
   return core, core & ~inner
 
 
-@functools.partial(jax.jit, static_argnames=("planes", "flat"))
-def _kernel(packed, spacing, sizes, planes, flat):
+@functools.partial(jax.jit, static_argnames=("planes", "flat", "gather"))
+def _kernel(packed, spacing, sizes, planes, flat, gather=False):
   """Counts and surface-distance sums of the packed box (see the module docstring).
 
   Args:
@@ -307,6 +309,8 @@ def _kernel(packed, spacing, sizes, planes, flat):
     sizes: (3,) int32 extent of the box along a, b, c (the rest is padding).
     planes: planes in a chunk along a; N_a is a multiple of it.
     flat: a 2-D input; axis b is an added axis of length 1.
+    gather: compile the gathered pass 3 too (it only pays for big chunks, and costs
+      compilation time).
 
   Returns:
     [|ref|, |pred|, |ref ∩ pred|], and per direction (0: at S(pred) to S(ref), 1: at S(ref)
@@ -314,7 +318,8 @@ def _kernel(packed, spacing, sizes, planes, flat):
     distances and the largest squared distance.
   """
   shape = packed.shape
-  _TRACES[shape, planes, flat] = _TRACES.get((shape, planes, flat), 0) + 1
+  key = (shape, planes, flat, gather)
+  _TRACES[key] = _TRACES.get(key, 0) + 1
   chunks = (shape[0] - 2) // planes
   _, shape_b, shape_c = shape
   n_a, n_b, n_c = sizes[0], sizes[1], sizes[2]
@@ -438,6 +443,8 @@ def _kernel(packed, spacing, sizes, planes, flat):
   def search(f, target):
     """Per direction: the number of target voxels, the sums of their distances to the
     nearest source voxel and of the squares, and the largest square."""
+    if not gather:
+      return dense_search(f, target)
     few = jnp.sum(target, dtype=jnp.int32) <= sparse_size
     return jax.lax.cond(few, sparse_search, dense_search, f, target)
 
