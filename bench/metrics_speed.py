@@ -4,13 +4,16 @@ One liver-sized irregular blob (the reference) and a slightly different predicti
 boundary moved by a few voxels, irregularly, plus a small false-positive island) in a
 CT-sized volume. Each contender runs in its own subprocess on the same arrays, so peak
 memory is its own: we report the resident memory once the inputs are loaded and the
-peak while computing the metrics (VmHWM, reset after loading). Ours is timed after a first call that compiles; medpy computes the paper's
-five metrics (dc, 1 - jc, ravd, assd, hd with connectivity 1 and the voxel spacing).
-With a GPU present ours also runs there.
+peak while computing the metrics (VmHWM, reset after loading; for ours it includes the
+first call's compilation). Ours is timed after a first call that compiles, and once
+more after medpy's run (the machine is shared, so the two bracket it); medpy computes
+the paper's five metrics (dc, 1 - jc, ravd, assd, hd with connectivity 1 and the voxel
+spacing). With a GPU present ours also runs there.
 
   python bench/metrics_speed.py                         # 512 x 512 x 200, as reported
   python bench/metrics_speed.py --shape 128 128 48      # smoke run
   python bench/metrics_speed.py --no-medpy --shape 512 512 1000   # memory of a big one
+  python bench/metrics_speed.py --organ-scale 2.5       # an object filling most of it
 """
 
 from __future__ import annotations

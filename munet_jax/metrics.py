@@ -120,10 +120,11 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict[str, float
   box = tuple(slice(min(r.start, p.start), max(r.stop, p.stop))
               for r, p in zip(box_ref, box_pred))
   packed, spacing3, sizes, planes = _pack(ref[box], pred[box], spacing)
-  with jax.enable_x64(True):
+  gather = 2 * planes * packed[0].size >= _GATHER_CHUNK
+  with jax.enable_x64(True):   # float64 sums; this thread only, this call only
     out = _kernel(jnp.asarray(packed), jnp.asarray(spacing3, jnp.float64),
-                  jnp.asarray(sizes, jnp.int32), planes=planes,
-                  flat=pred.ndim == 2, gather=2 * packed[0].size * planes >= _GATHER_CHUNK)
+                  jnp.asarray(sizes, jnp.int32), planes=planes, flat=pred.ndim == 2,
+                  gather=gather)
     out = jax.device_get(out)
   volumes, n_surf, sum_d, sum_d2, max_d2 = out
   n_ref, n_pred, n_both = (int(v) for v in volumes)
