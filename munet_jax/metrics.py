@@ -19,7 +19,12 @@ How the distances are computed (all in one jitted JAX program, CPU or GPU):
            line, from the last and next surface index (cumulative max/min): linear;
     pass 2 (axis b) g(p) = min_t f(p + t e_b) + s_b^2 t^2,  |t| <= r_b;
     pass 3 (axis c) D(p) = min_u g(p + u e_c) + s_c^2 u^2,  |u| <= r_c.
-  Each offset t is one fused elementwise update of the whole chunk (perfectly vectorised).
+  Each offset t of pass 2 is one fused elementwise update of the whole chunk (perfectly
+  vectorised). Pass 3 is needed only at the other surface's voxels: in big chunks (a
+  million voxels or more) where they are few (under 1/64: large, smooth objects), they
+  are gathered into a list and pass 3 reads g along c for them alone; otherwise it runs
+  densely like pass 2 (a dense step is so much cheaper per voxel than a gather on a CPU
+  that gathering pays off only then, and small boxes compile faster without it).
   With windows r_b, r_c covering a physical radius r, the result is the exact distance to
   the nearest surface voxel within the window; every surface voxel outside it is at least
   min(s_b (r_b + 1), s_c (r_c + 1)) >= r away, so wherever the result is within that
@@ -39,9 +44,11 @@ that rounding); square roots and all sums over voxels are float64 (a local
 `jax.enable_x64` scope, the rest of the process is untouched). Distances therefore agree
 with an exact float64 computation to better than 1e-6 relative.
 
-Cost: with the box of n_a x n_b x n_c voxels (n_a the longest), time
-O(n_a n_b n_c (r_b + r_c)) where r is about the largest distance in a chunk (so a few
-voxels for a fair segmentation, n_b + n_c at worst), memory O(n_a n_b n_c) bytes.
+Cost: with the box of N = n_a n_b n_c voxels and T surface voxels, time
+O(N r_b + T r_c) (dense pass 3: O(N (r_b + r_c))) where r_b, r_c are the window lengths
+in voxels, about the largest distance within a chunk (a few voxels for a fair
+segmentation; n_b and n_c at worst), and memory O(N) bytes: the packed box, a half byte
+a voxel of per-chunk bookkeeping and temporaries for one chunk.
 """
 
 from __future__ import annotations
@@ -60,15 +67,19 @@ __all__ = ["METRIC_NAMES", "MetricsArgumentError", "segmentation_metrics", "surf
 
 METRIC_NAMES = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")  # the result's keys, in order
 
-_MIN_BUCKET = 16           # the smallest padded length of a box axis
+_MIN_BUCKET = 32           # the smallest padded length of a box axis
+_CHUNK_VOXELS = 1 << 18    # per direction: 1 MiB of float32, about a CPU core's cache
 _MIN_CHUNK_PLANES = 8      # keeps the per-chunk bookkeeping at most 1/2 byte a voxel
+_MAX_CHUNK_PLANES = 16     # thin chunks: one far voxel widens the search for fewer others
 _FAR = 1 << 28             # "no surface voxel on this side" plane index
 _FIRST_RADIUS = 6.0        # voxels: most surface distances of a fair segmentation are less
 _RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exceeds it
+_SPARSE_FRACTION = 64      # pass 3 gathers at the targets when under 1/64 of a chunk
+_GATHER_CHUNK = 1 << 20    # ... of at least this many voxels (both directions)
 _REF, _PRED = 1, 2         # bits of the packed box
 
 # Number of times the kernel has been traced (compiled), per bucketed shape; tests read it.
-_TRACES: dict[tuple[tuple[int, int, int], int, bool], int] = {}
+_TRACES: dict[tuple[tuple[int, int, int], int, bool, bool], int] = {}
 
 
 class MetricsArgumentError(UserError, ValueError):
@@ -109,10 +120,11 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict[str, float
   box = tuple(slice(min(r.start, p.start), max(r.stop, p.stop))
               for r, p in zip(box_ref, box_pred))
   packed, spacing3, sizes, planes = _pack(ref[box], pred[box], spacing)
-  with jax.enable_x64(True):
+  gather = 2 * planes * packed[0].size >= _GATHER_CHUNK
+  with jax.enable_x64(True):   # float64 sums; this thread only, this call only
     out = _kernel(jnp.asarray(packed), jnp.asarray(spacing3, jnp.float64),
-                  jnp.asarray(sizes, jnp.int32), planes=planes,
-                  flat=pred.ndim == 2)
+                  jnp.asarray(sizes, jnp.int32), planes=planes, flat=pred.ndim == 2,
+                  gather=gather)
     out = jax.device_get(out)
   volumes, n_surf, sum_d, sum_d2, max_d2 = out
   n_ref, n_pred, n_both = (int(v) for v in volumes)
@@ -204,7 +216,7 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 def _bucket(n: int) -> int:
   """The padded length of a box axis (b or c) of `n` voxels.
 
-  16, 32 or 64 up to 64 voxels (small boxes cost little, so coarse steps there save
+  32 or 64 up to 64 voxels (small boxes cost little, so coarse steps there save
   compilations), then four steps per octave (80, 96, 112, 128, 160, ...: at most 25 %
   more), so a data set of similar organs compiles a handful of shapes. A length of 1 (a
   2-D input's added axis, or a box one voxel thick) stays 1.
@@ -217,34 +229,37 @@ def _bucket(n: int) -> int:
   return -(-n // step) * step
 
 
-def _chunk_elements() -> int:
-  """Voxels per chunk and direction: 1 MiB of float32 stays in a CPU core's cache; an
-  accelerator wants fewer, larger steps."""
-  return 1 << 18 if jax.default_backend() == "cpu" else 1 << 21
-
-
 def _pack(ref_box: np.ndarray, pred_box: np.ndarray, spacing: tuple[float, ...]):
   """The box as one uint8 array of bucketed shape (N_a + 2, N_b, N_c), axes reordered.
 
-  Axis a (chunked, the linear pass) is the box's longest; axis c (contiguous in memory,
-  vectorised) the next. 2-D boxes get a length-1 axis b. Planes 0 and N_a + 1 are a
-  background halo so that chunk slices need no bounds checks.
+  Passes 2 and 3 cost the window's length in voxels along b and c (up to the axis's
+  length), pass 3 mostly only at the target voxels. So axis a (chunked, the exact linear
+  pass) is the one a window would be longest along: the finest spacing, then the longest;
+  axis c (pass 3, contiguous in memory) the next; axis b the cheapest. 2-D boxes get a
+  length-1 axis b. Planes 0 and N_a + 1 are a background halo so that chunk slices need
+  no bounds checks.
   """
+  axes = [0, 1, 2]
   if ref_box.ndim == 2:
     ref_box, pred_box = ref_box[..., None], pred_box[..., None]
     spacing = spacing + (1.0,)   # any value: all offsets along this axis are 0
+    axes = [0, 1]
   sizes = ref_box.shape
-  a, c, b = sorted(range(3), key=lambda i: (-sizes[i], i))
+  finest = min(spacing[i] for i in axes)
+  # Voxels along each axis within a typical search radius (16 of the finest voxels).
+  window = {i: min(sizes[i], 16.0 * finest / spacing[i]) for i in axes}
+  a, c, b = sorted(range(3), key=lambda i: (i not in axes, -window.get(i, 0), -sizes[i], i))
   order = (a, b, c)
   ref_box, pred_box = ref_box.transpose(order), pred_box.transpose(order)
   n_a, n_b, n_c = ref_box.shape
   shape_b, shape_c = _bucket(n_b), _bucket(n_c)
-  # Planes in a chunk: a power of two near _chunk_elements() voxels, or the whole box.
-  fit = _chunk_elements() // (shape_b * shape_c)
-  planes = max(_MIN_CHUNK_PLANES, 1 << max(0, fit.bit_length() - 1))
-  planes = min(planes, max(_MIN_BUCKET, 1 << (n_a - 1).bit_length()))
-  chunks = 1 << (-(-n_a // planes) - 1).bit_length()  # a power of two: costs memory only
-  packed = np.zeros((chunks * planes + 2, shape_b, shape_c), np.uint8)
+  # Planes in a chunk: a power of two near _CHUNK_VOXELS voxels, within bounds.
+  fit = _CHUNK_VOXELS // (shape_b * shape_c)
+  planes = min(_MAX_CHUNK_PLANES, max(_MIN_CHUNK_PLANES, 1 << max(0, fit.bit_length() - 1)))
+  # A power of two of chunks (padding along a costs memory only: the loops stop at n_a).
+  chunks = 1 << (-(-n_a // planes) - 1).bit_length()
+  shape_a = max(chunks * planes, _MIN_BUCKET)
+  packed = np.zeros((shape_a + 2, shape_b, shape_c), np.uint8)
   view = packed[1:n_a + 1, :n_b, :n_c]
   view[...] = ref_box
   view |= pred_box.astype(np.uint8) << 1
@@ -285,8 +300,8 @@ def _chunk_surfaces(packed, start, planes, flat):
   return core, core & ~inner
 
 
-@functools.partial(jax.jit, static_argnames=("planes", "flat"))
-def _kernel(packed, spacing, sizes, planes, flat):
+@functools.partial(jax.jit, static_argnames=("planes", "flat", "gather"))
+def _kernel(packed, spacing, sizes, planes, flat, gather=False):
   """Counts and surface-distance sums of the packed box (see the module docstring).
 
   Args:
@@ -295,6 +310,8 @@ def _kernel(packed, spacing, sizes, planes, flat):
     sizes: (3,) int32 extent of the box along a, b, c (the rest is padding).
     planes: planes in a chunk along a; N_a is a multiple of it.
     flat: a 2-D input; axis b is an added axis of length 1.
+    gather: compile the gathered pass 3 too (it only pays for big chunks, and costs
+      compilation time).
 
   Returns:
     [|ref|, |pred|, |ref ∩ pred|], and per direction (0: at S(pred) to S(ref), 1: at S(ref)
@@ -302,7 +319,8 @@ def _kernel(packed, spacing, sizes, planes, flat):
     distances and the largest squared distance.
   """
   shape = packed.shape
-  _TRACES[shape, planes, flat] = _TRACES.get((shape, planes, flat), 0) + 1
+  key = (shape, planes, flat, gather)
+  _TRACES[key] = _TRACES.get(key, 0) + 1
   chunks = (shape[0] - 2) // planes
   _, shape_b, shape_c = shape
   n_a, n_b, n_c = sizes[0], sizes[1], sizes[2]
@@ -352,32 +370,84 @@ def _kernel(packed, spacing, sizes, planes, flat):
 
     return jax.lax.fori_loop(0, 2 * radius + 1, shift, jnp.full_like(x, jnp.inf))
 
-  def search(f, target):
-    """Squared distances to the nearest source voxel, exact at the target voxels.
+  def widening(distances, size):
+    """Runs `distances(r_b, r_c) -> (d2, at_target)` with growing windows until exact.
 
     Passes 2 and 3 look only at offsets up to a radius; the result is then exact for the
     voxels whose distance is within the radius, since every source outside the window is
-    at least the radius away. While some target is not, the radius grows threefold, up to
-    the whole box (where nothing is outside the window).
+    at least the radius away. While some target is not, the radius grows, up to the whole
+    box (where nothing is outside the window).
     """
     def widen(state):
       radius, _, _ = state
       # In voxels along b and c, no more than the box needs (clamped before the cast).
       r_b = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[1])), n_b - 1).astype(jnp.int32)
       r_c = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[2])), n_c - 1).astype(jnp.int32)
-      d2 = window_pass(window_pass(f, 2, r_b, s2[1]), 3, r_c, s2[2])
+      d2, at_target = distances(r_b, r_c)
       outside_b = jnp.where(r_b < n_b - 1, s2[1] * ((r_b + 1) ** 2).astype(jnp.float32),
                             jnp.inf)
       outside_c = jnp.where(r_c < n_c - 1, s2[2] * ((r_c + 1) ** 2).astype(jnp.float32),
                             jnp.inf)
       # A relative margin well above float32 rounding keeps the test on the safe side.
       bound = jnp.minimum(outside_b, outside_c) * (1.0 - 1e-6)
-      exact = jnp.all(~target | (d2 <= bound))
+      exact = jnp.all(~at_target | (d2 <= bound))
       return radius * _RADIUS_GROWTH, d2, exact
 
-    _, d2, _ = jax.lax.while_loop(lambda state: ~state[2], widen,
-                                  (first_radius, jnp.zeros_like(f), jnp.bool_(False)))
+    init = (first_radius, jnp.zeros(size, jnp.float32), jnp.bool_(False))
+    _, d2, _ = jax.lax.while_loop(lambda state: ~state[2], widen, init)
     return d2
+
+  def totals(d2, at_target, direction):
+    """Per direction: target count, sum of distances and of squares, largest square."""
+    out = []
+    for k in (0, 1):
+      mask = at_target & (direction == k)
+      wide = jnp.where(mask, d2, 0.0).astype(jnp.float64)
+      out.append((jnp.sum(mask, dtype=jnp.int32), jnp.sum(jnp.sqrt(wide)), jnp.sum(wide),
+                  jnp.max(wide)))
+    return tuple(jnp.stack(parts) for parts in zip(*out))
+
+  chunk_shape = (2, planes, shape_b, shape_c)
+  direction = jnp.arange(2, dtype=jnp.int32)[:, None, None, None]
+  sparse_size = max(1, math.prod(chunk_shape) // _SPARSE_FRACTION)
+
+  def dense_search(f, target):
+    """Passes 2 and 3 at every voxel of the chunk."""
+    d2 = widening(lambda r_b, r_c: (window_pass(window_pass(f, 2, r_b, s2[1]), 3, r_c,
+                                                s2[2]), target), chunk_shape)
+    return totals(d2, target, direction)
+
+  def sparse_search(f, target):
+    """Pass 2 at every voxel, pass 3 only at the target voxels (gathered along c)."""
+    flat = jnp.nonzero(target.reshape(-1), size=sparse_size, fill_value=0)[0]
+    valid = jnp.arange(sparse_size) < jnp.sum(target, dtype=jnp.int32)
+    k, a, b, c = jnp.unravel_index(flat, chunk_shape)
+    start = ((k * planes + a) * shape_b + b) * (3 * shape_c) + shape_c + c
+
+    def distances(r_b, r_c):
+      g = window_pass(f, 2, r_b, s2[1])
+      padded = jnp.pad(g, [(0, 0)] * 3 + [(shape_c, shape_c)],
+                       constant_values=jnp.inf).reshape(-1)
+
+      def shift(i, d2):
+        u = i - r_c
+        step = u.astype(jnp.float32)
+        return jnp.minimum(d2, padded[start + u] + step * step * s2[2])
+
+      d2 = jax.lax.fori_loop(0, 2 * r_c + 1, shift,
+                             jnp.full((sparse_size,), jnp.inf, jnp.float32))
+      return d2, valid
+
+    d2 = widening(distances, (sparse_size,))
+    return totals(d2, valid, k)
+
+  def search(f, target):
+    """Per direction: the number of target voxels, the sums of their distances to the
+    nearest source voxel and of the squares, and the largest square."""
+    if not gather:
+      return dense_search(f, target)
+    few = jnp.sum(target, dtype=jnp.int32) <= sparse_size
+    return jax.lax.cond(few, sparse_search, dense_search, f, target)
 
   def chunk_step(j, carry):
     last, volumes, count, sum_d, sum_d2, max_d2 = carry
@@ -400,16 +470,8 @@ def _kernel(packed, spacing, sizes, planes, flat):
     f = jnp.where(gap < _FAR // 2, gap * gap * s2[0], jnp.inf)
     last = jnp.maximum(last, before[:, -1])
     # Passes 2 and 3, along b and c.
-    d2 = search(f, target)
-
-    d2 = jnp.where(target, d2, 0.0)
-    wide = d2.astype(jnp.float64)
-    axes = (1, 2, 3)
-    count = count + jnp.sum(target, axis=axes, dtype=jnp.int32)
-    sum_d = sum_d + jnp.sum(jnp.sqrt(wide), axis=axes)
-    sum_d2 = sum_d2 + jnp.sum(wide, axis=axes)
-    max_d2 = jnp.maximum(max_d2, jnp.max(d2, axis=axes).astype(jnp.float64))
-    return last, volumes, count, sum_d, sum_d2, max_d2
+    n, d, d2, top = search(f, target)
+    return (last, volumes, count + n, sum_d + d, sum_d2 + d2, jnp.maximum(max_d2, top))
 
   init = (jnp.full((2, shape_b, shape_c), -far, jnp.int32), jnp.zeros(3, jnp.int64),
           jnp.zeros(2, jnp.int64),

@@ -231,18 +231,27 @@ def test_agrees_with_medpy_and_scipy(family):
 def test_chunked_sweep_agrees_with_medpy(monkeypatch):
   # Small chunks (8 planes) so these boxes span several chunks, as big volumes do: the
   # nearest surface along axis a is then found across chunk boundaries.
-  monkeypatch.setattr(metrics, "_chunk_elements", lambda: 8 * 16 * 16)
+  # Axis 0 is the longest and the finest, so it is the chunked one.
+  monkeypatch.setattr(metrics, "_MAX_CHUNK_PLANES", 8)
   rng = np.random.default_rng(7)
-  chunked = 0
   for i in range(30):
-    shape = (32, 16, 16) if i % 3 else (40, 9, 31)
+    shape = ((40, 16, 16), (48, 9, 31), (64, 20, 12))[i % 3]
     pred, ref = nonempty(rng, blob(rng, shape, sigma=2.0)), nonempty(rng, blob(rng, shape))
     if i % 5 == 0:   # surfaces only in the first and last chunk along a
       pred[4:-4], ref[6:-6] = False, False
-    box = metrics._pack(ref, pred, (1.0, 1.0, 1.0))
-    chunked += (box[0].shape[0] - 2) // box[3] > 1
-    assert_agrees(pred, ref, random_spacing(rng, 3), ("chunked", i))
-  assert chunked == 30
+    spacing = tuple(rng.uniform(0.3, 2.0) * np.array([1.0, *rng.uniform(1.0, 3.0, 2)]))
+    packed, _, sizes, planes = metrics._pack(ref, pred, spacing)
+    assert sizes[0] == shape[0] and -(-sizes[0] // planes) >= 5
+    assert_agrees(pred, ref, spacing, ("chunked", i))
+
+
+def test_gathered_last_pass_agrees_with_medpy(monkeypatch):
+  # Big chunks gather pass 3 at the target voxels when these are few; force it here.
+  monkeypatch.setattr(metrics, "_GATHER_CHUNK", 0)
+  for family in ("nested", "far", "components"):
+    for i, pred, ref, spacing in family_cases(family):
+      if i < 15:
+        assert_agrees(pred, ref, spacing, ("gathered", family, i))
 
 
 @pytest.mark.slow
@@ -387,16 +396,22 @@ def test_bad_arguments_are_value_errors(pred, ref, spacing, message):
   assert isinstance(info.value, UserError)   # one line and exit status 2 in the tools
 
 
-def test_one_compilation_per_bucket():
-  # Different array shapes, boxes and spacings, all padded into one bucketed shape.
+@pytest.mark.parametrize("group", [
+    # (shape, spacing): the spacings keep axis 0 first (the finest or, among equals, the
+    # longest), so the boxes differ in size only.
+    [((20, 10, 20), (0.7, 0.7, 0.7)), ((25, 12, 30), (1.3, 1.3, 2.5)),
+     ((31, 15, 18), (2.0, 2.0, 2.0)), ((18, 3, 17), (0.5, 0.6, 0.6))],
+    [((100, 70, 90), (1.0, 1.0, 1.0)), ((120, 66, 85), (0.8, 0.9, 0.8)),
+     ((96, 80, 90), (1.5, 1.5, 1.5))],
+], ids=["small", "medium"])
+def test_one_compilation_per_bucket(group):
   rng = np.random.default_rng(9)
   keys = set()
-  for shape in ((20, 10, 20), (25, 12, 30), (31, 15, 18), (18, 3, 17), (32, 16, 32)):
+  for shape, spacing in group:
     pred, ref = rng.random(shape) < 0.5, rng.random(shape) < 0.5
     pred[0, 0, 0] = ref[-1, -1, -1] = True          # the box is the whole array
-    spacing = tuple(rng.uniform(0.5, 3.0, 3))
     packed, _, _, planes = metrics._pack(ref, pred, spacing)
-    keys.add((packed.shape, planes, False))
+    keys.add((packed.shape, planes, False, False))
     assert_agrees(pred, ref, spacing, shape)
   assert len(keys) == 1
   assert metrics._TRACES[keys.pop()] == 1
@@ -416,4 +431,4 @@ def test_memory_grows_linearly_with_the_box():
   added_voxels = (512 - 128) * 64 * 64
   assert temps[1] - temps[0] < 0.5 * added_voxels
   chunk_voxels = 2 * 64 * 64 * 64   # both directions
-  assert temps[0] < 48 * chunk_voxels
+  assert temps[0] < 96 * chunk_voxels
