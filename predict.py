@@ -13,7 +13,6 @@ Exit status 0 done, 2 a user error (one line on stderr; --debug shows the traceb
 """
 
 import argparse
-import logging
 import sys
 
 from munet_jax.errors import UserError, run_cli
@@ -40,9 +39,8 @@ def parse_args(argv):
 
 def main(argv):
   args = parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-  for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+  from munet_jax.runtime import configure_logging
+  configure_logging()
   from munet_jax.runtime import configure_jax
   configure_jax()
   from munet_jax.inference import predict_path

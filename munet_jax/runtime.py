@@ -1,6 +1,8 @@
-"""Process-wide JAX settings, applied once by the command-line tools and the tests."""
+"""Process-wide settings, applied once by the command-line tools and the tests."""
 
 from __future__ import annotations
+
+import logging
 
 import jax
 
@@ -16,3 +18,10 @@ def configure_jax() -> None:
   """
   if jax.default_backend() == "cpu":
     jax.config.update("jax_threefry_partitionable", False)
+
+
+def configure_logging() -> None:
+  """Warnings as 'LEVEL: message' lines; the libraries' routine chatter kept off stderr."""
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+  for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)

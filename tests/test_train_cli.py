@@ -150,3 +150,28 @@ def test_bad_flag_is_one_line_and_exit_2(tmp_path, data_root):
                                 "--config.train.stepz=3"))
   assert code == 2
   assert err.strip().splitlines() == ["error: config key 'train.stepz' is unknown"]
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, data_root, monkeypatch):
+  import jax.numpy as jnp
+  from munet_jax.config import load_config_file
+  from munet_jax.training import loop
+  from munet_jax.training.checkpointing import Checkpointer
+  real = loop.make_train_step
+
+  def poisoned(config):
+    step = real(config)
+
+    def run(state, batch):
+      new_state, metrics = step(state, batch)
+      return new_state, dict(metrics, loss=jnp.where(state.step == 4, jnp.nan, metrics["loss"]))
+    return run
+
+  monkeypatch.setattr(loop, "make_train_step", poisoned)
+  config = load_config_file(_config(tmp_path, data_root))
+  with pytest.raises(loop.Diverged, match="loss is nan at step 5; the last good checkpoint is step 4"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  ckpt = Checkpointer(str(tmp_path / "run"), read_only=True)
+  assert ckpt.steps() == [2, 4]
+  ckpt.close()

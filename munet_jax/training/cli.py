@@ -8,7 +8,6 @@ saving a checkpoint: rerun the same command to resume.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Sequence
@@ -63,9 +62,8 @@ def main(argv: Sequence[str]) -> int:
   config = load_config_file(args.config)
   if overrides:
     config = apply_overrides(config, overrides)
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-  for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+  from munet_jax.runtime import configure_logging
+  configure_logging()
   initialize_distributed(args)
   from munet_jax.runtime import configure_jax
   configure_jax()
