@@ -18,7 +18,6 @@ Prints Markdown tables:
 
 import argparse
 import os
-import statistics
 import sys
 import time
 

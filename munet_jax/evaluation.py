@@ -22,11 +22,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
+from munet_jax.atomic import atomic_output
 from munet_jax.errors import UserError
 from munet_jax.lesions import SIZE_CLASSES, lesion_detection
 from munet_jax.metrics import segmentation_metrics
@@ -137,23 +137,9 @@ def results(cases: list[dict], source: dict | None = None) -> dict:
 
 
 def write_json(path: str, document: dict) -> None:
-  """Writes JSON atomically: a temporary file in the same folder, then a rename."""
-  folder = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-  except OSError as e:
-    raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(document, f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
-  except BaseException as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    if isinstance(e, OSError):
-      raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
-    raise
+  """Writes JSON atomically (a temporary file in the same folder, then a rename)."""
+  with atomic_output(path, ".json") as tmp, open(tmp, "w") as f:
+    json.dump(document, f, indent=1, allow_nan=False)
 
 
 def _percent(v) -> str:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
-from munet_jax.errors import UserError
+from munet_jax.atomic import atomic_output
 
 REFERENCE_COLOUR = "#33dd33"
 PREDICTION_COLOUR = "#ffdd00"
@@ -143,22 +142,8 @@ def render_slice(path: str, hu_slice: np.ndarray | None, pred_slice: np.ndarray,
 
 
 def _save_atomic(fig, path: str) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-  except OSError as e:
-    raise UserError(f"{folder}: cannot write overlays ({e.strerror or e})") from e
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png")
-    os.replace(tmp, path)
-  except BaseException as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    if isinstance(e, OSError):
-      raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
-    raise
+  with atomic_output(path, ".png") as tmp:
+    fig.savefig(tmp, format="png")
 
 
 def write_case_overlays(folder: str, case: str, hu: np.ndarray | None, pred: np.ndarray,

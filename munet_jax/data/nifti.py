@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import secrets
 import threading
 from typing import Any
 
@@ -20,6 +19,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from munet_jax.atomic import atomic_output
 from munet_jax.errors import UserError
 
 LABEL_VALUES = (0, 1, 2)  # background, liver, tumour
@@ -276,26 +276,8 @@ def _save_atomic(img, path) -> None:
   ext = ".nii.gz" if name.endswith(".nii.gz") else ".nii" if name.endswith(".nii") else None
   if ext is None:
     _fail(path, "output name must end in .nii or .nii.gz")
-  folder = os.path.dirname(os.path.abspath(path))
-  # nibabel picks gzip from the extension, so the temporary name keeps it.
-  tmp = os.path.join(folder, f".{name[:-len(ext)]}.{os.getpid()}-{secrets.token_hex(4)}.tmp{ext}")
-  try:
-    os.makedirs(folder, exist_ok=True)
+  with atomic_output(path, ext) as tmp:   # nibabel picks gzip from the extension
     nib.save(img, tmp)
-    os.replace(tmp, path)
-  except OSError as e:
-    _remove_quietly(tmp)
-    _fail(path, f"cannot write ({e.strerror or e})")
-  except BaseException:
-    _remove_quietly(tmp)
-    raise
-
-
-def _remove_quietly(path: str) -> None:
-  try:
-    os.remove(path)
-  except OSError:
-    pass
 
 
 def to_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tqdm
 
+from munet_jax.atomic import atomic_output
 from munet_jax.data import nifti
 from munet_jax.data.discovery import Case, natural_key
 from munet_jax.errors import UserError
@@ -417,25 +418,15 @@ def _read_index(cache_dir: str) -> dict:
 
 
 def _write_index(cache_dir: str, index: dict) -> None:
-  path = os.path.join(cache_dir, INDEX)
-  try:
-    _write_json(path, index)
-  except OSError as e:
-    raise UserError(f"{path}: cannot write the slice store index ({e.strerror or e})") from e
+  _write_json(os.path.join(cache_dir, INDEX), index)
 
 
 def _write_json(path: str, value) -> None:
-  tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(value, f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
+  """Atomic and flushed to disk: the index is the only record of which entries are whole."""
+  with atomic_output(path) as tmp, open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _remove_stale(cache_dir: str, entries: dict) -> None:

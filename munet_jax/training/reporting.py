@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from munet_jax.atomic import atomic_output
+
 
 class MetricWriter:
   """Appends {'step', name: value...} rows to `workdir/metrics.jsonl` and TensorBoard."""
@@ -84,8 +86,7 @@ def plot_curves(workdir: str) -> str | None:
     ax.grid(alpha=0.3)
   fig.tight_layout()
   path = os.path.join(workdir, "training_curves.png")
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
+  with atomic_output(path, ".png") as tmp:
+    fig.savefig(tmp, dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
   return path
