@@ -18,6 +18,7 @@ class MetricWriter:
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._line_start = False   # whether the file is known to end with a whole row
     if enabled:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -33,11 +34,23 @@ class MetricWriter:
       if finite:
         self._tb.add_scalar(f"{prefix}/{name}", value, int(step))
     with open(self.path, "a") as f:
+      if not self._line_start:
+        # A run killed mid-append leaves a row without its newline; end it, or the
+        # resumed run's first row would be glued to it and lost.
+        if f.tell() > 0 and _last_byte(self.path) != b"\n":
+          f.write("\n")
+        self._line_start = True
       f.write(json.dumps(row) + "\n")
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _last_byte(path: str) -> bytes:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1)
 
 
 def read_metrics(path: str) -> list[dict]:
