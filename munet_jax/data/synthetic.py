@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from typing import Sequence
 
@@ -525,6 +526,38 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
     json.dump(settings, f, indent=2)
   os.replace(tmp, os.path.join(out, "synthetic.json"))
   return paths
+
+
+def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
+                             slices: int | None = None,
+                             progress: bool = True) -> list[tuple[str, str]]:
+  """`write_dataset` into a temporary folder beside `out`, renamed onto `out` when whole.
+
+  What `train.py` uses when `data.root` holds no cases: a run killed half-way through
+  leaves no `out` holding some of the cases, which a restart would take for the whole
+  data set (and then train on other data than an uninterrupted run, or stop for want of
+  cases). `out` should be missing or empty; when it holds other files, the cases are
+  moved into it one by one, `synthetic.json` last.
+  """
+  out = os.path.abspath(os.fspath(out))
+  parent, name = os.path.split(out)
+  tmp = os.path.join(parent, f".{name}.synthetic-tmp")
+  shutil.rmtree(tmp, ignore_errors=True)   # left by a run killed while writing it
+  paths = write_dataset(tmp, cases, size, seed=seed, slices=slices, progress=progress)
+  try:
+    if os.path.isdir(out) and not os.listdir(out):
+      os.rmdir(out)
+    if not os.path.exists(out):
+      os.rename(tmp, out)
+    else:
+      names = sorted(os.listdir(tmp), key=lambda n: n == "synthetic.json")
+      for entry in names:
+        os.replace(os.path.join(tmp, entry), os.path.join(out, entry))
+      os.rmdir(tmp)
+  except OSError as e:
+    raise UserError(f"{out}: cannot write the synthetic data set ({e.strerror or e})") from e
+  return [(os.path.join(out, os.path.basename(i)), os.path.join(out, os.path.basename(l)))
+          for i, l in paths]
 
 
 def main(argv: Sequence[str]) -> int:

@@ -72,8 +72,9 @@ def prepare_data(config: ml_collections.ConfigDict):
     from munet_jax.data import synthetic
     if jax.process_index() == 0:
       print(f"making {config.data.synthetic.cases} synthetic CT volumes in {root}", flush=True)
-      synthetic.write_dataset(root, config.data.synthetic.cases, config.data.synthetic.size,
-                              seed=config.seed, slices=config.data.synthetic.slices)
+      synthetic.write_dataset_into_place(
+          root, config.data.synthetic.cases, config.data.synthetic.size, seed=config.seed,
+          slices=config.data.synthetic.slices)
     _sync("synthetic data")
   cases = discovery.find_cases(root)
   split = splits.split_cases(cases, config)
