@@ -1,14 +1,19 @@
 """Atomic outputs: write under a temporary name in the same folder, then rename into place.
 
 A reader (or a tool interrupted mid-write) sees the previous file or the complete new
-one, never half a file: `os.replace` within one folder is atomic on POSIX.
+one, never half a file: `os.replace` within one folder is atomic on POSIX. A process
+killed mid-write leaves its hidden temporary file behind (`.NAME.HOST-PID-XXXX.tmp`, which
+no tool reads); the next successful write of the same file removes those of dead
+processes of this host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import socket
 from typing import Iterator
 
 from munet_jax.errors import UserError
@@ -29,14 +34,44 @@ def atomic_output(path, suffix: str = "") -> Iterator[str]:
   """
   path = os.fspath(path)
   folder, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
+  tag = f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+  tmp = os.path.join(folder, f".{name}.{tag}.tmp{suffix}")
   try:
     os.makedirs(folder, exist_ok=True)
     yield tmp
     os.replace(tmp, path)
+    _remove_stale(folder, name, suffix)
   except BaseException as e:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     if isinstance(e, OSError):
       raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
     raise
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _remove_stale(folder: str, name: str, suffix: str) -> None:
+  """Removes temporaries of `name` left by killed processes of this host."""
+  pattern = re.compile(re.escape(f".{name}.{_HOST}-") + r"(\d+)-[0-9a-f]+"
+                       + re.escape(f".tmp{suffix}") + "$")
+  try:
+    entries = os.listdir(folder)
+  except OSError:
+    return
+  for entry in entries:
+    m = pattern.match(entry)
+    if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(folder, entry))
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:   # exists, owned by another user
+    return True
+  return True
