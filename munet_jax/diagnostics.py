@@ -528,43 +528,46 @@ def _upsampled_crop(map_hw: np.ndarray, factor: int, pad, shape) -> np.ndarray:
 
 def plot_skip_features(path: str, hu_slice: np.ndarray, label_slice: np.ndarray,
                        runs: Sequence[tuple[str, object, object]], title: str,
-                       rates: Sequence[tuple[str, list]] = ()) -> None:
-  """The Fig. 3 picture for one slice: skip features per stage, per run.
+                       rates: Sequence[tuple[str, list]] = (), pooling: str = "area") -> None:
+  """The Fig. 3 picture for one slice: skip features per stage (rows), per run (columns).
 
-  Each run ("name", variables, config) gives two rows when it has the ODU residual path
-  -- x_s (before) and r_s = x_s - u_s (what the skip carries before its extra
-  convolution) -- and one row (the copied x_s) when it has not. Each panel is the channel
-  mean of the per-channel min-max normalised maps (the quantity the permeation rate
-  averages), shown on the input grid with the reference contours (liver green, tumour red).
+  Each run ("name", variables, config) gives two columns when it has the ODU residual
+  path -- x_s (before) and r_s = x_s - u_s (what the skip carries before its extra
+  convolution) -- and one column (the copied x_s) when it has not. Each panel is the
+  channel mean of the per-channel min-max normalised maps (the quantity the permeation
+  rate averages), on the input grid, with the reference contours (liver green, tumour
+  red). The first column shows the CT (stage 1) and then the reference as it reaches
+  each stage (`pooling`), the masks the rates are measured on.
 
   Args:
     path: the .png file.
     hu_slice, label_slice: (X, Y) HU and labels 0/1/2 of a RAS axial slice.
-    runs: up to a few (name, variables, config).
+    runs: a few (name, variables, config), all with the same number of stages.
     title: the figure's title.
-    rates: optional (text, [S-1 rates]) lines printed under the r_s panels' titles.
+    rates: optional (text, [S-1 rates]) printed under the first run's r_s panels.
+    pooling: how the reference is shown at each stage ('area' or 'max').
   """
   from matplotlib.figure import Figure
   from munet_jax.preprocessing import preprocess
-  rows = []
-  for name, variables, config in runs:
+  columns = []
+  for k, (name, variables, config) in enumerate(runs):
     image = preprocess(hu_slice[None, :, :, None].astype(np.float32), config)
     feats = skip_features(variables, image, config)
     pad = _padding(config, *hu_slice.shape)
-    factor = lambda s: 2 ** s
-    before = [_upsampled_crop(np.asarray(channel_mean_map(f["before"]))[0], factor(s), pad,
-                              hu_slice.shape) for s, f in enumerate(feats)]
-    after = [_upsampled_crop(np.asarray(channel_mean_map(f["after"]))[0], factor(s), pad,
-                             hu_slice.shape) for s, f in enumerate(feats)]
+    on_grid = lambda key: [_upsampled_crop(np.asarray(channel_mean_map(f[key]))[0], 2 ** s, pad,
+                                           hu_slice.shape) for s, f in enumerate(feats)]
     if config.model.odu_residual:
-      rows.append((f"{name}: x_s (before residual)", before, False))
-      rows.append((f"{name}: r_s = x_s - u_s", after, True))
+      columns.append((f"{name}: x_s (before residual)", on_grid("before"), False))
+      columns.append((f"{name}: r_s = x_s - u_s", on_grid("after"), k == 0))
     else:
-      rows.append((f"{name}: x_s (copied, no ODU)", before, False))
-  stages = max(len(r[1]) for r in rows)
-  fig = Figure(figsize=(2.0 * (stages + 1), 2.0 * len(rows) + 0.6), dpi=80)
-  axes = np.atleast_2d(fig.subplots(len(rows), stages + 1, squeeze=False))
-  window = (-250.0, 250.0) if not runs else tuple(runs[0][2].data.hu_window)
+      columns.append((f"{name}: x_s (copied, no ODU)", on_grid("before"), False))
+  stages = min(len(c[1]) for c in columns)
+  config = runs[0][2]
+  pad = _padding(config, *hu_slice.shape)
+  padded_label = np.pad(label_slice, pad)
+  window = tuple(config.data.hu_window)
+  fig = Figure(figsize=(2.1 * (len(columns) + 1), 2.1 * stages + 0.7), dpi=80)
+  axes = fig.subplots(stages, len(columns) + 1, squeeze=False)
   liver, tumour = _to_display(label_slice > 0), _to_display(label_slice == 2)
 
   def contours(ax):
@@ -572,29 +575,37 @@ def plot_skip_features(path: str, hu_slice: np.ndarray, label_slice: np.ndarray,
       if mask.any() and not mask.all():
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.6)
 
-  for i, (row_title, maps, is_after) in enumerate(rows):
-    ax = axes[i, 0]
+  for s in range(stages):
+    ax = axes[s, 0]
     ax.set_axis_off()
-    if i == 0:
+    if s == 0:
       ax.imshow(_to_display(np.clip(hu_slice.astype(np.float32), *window)), cmap="gray",
                 vmin=window[0], vmax=window[1], interpolation="nearest")
       contours(ax)
-      ax.set_title("CT, reference", fontsize=8)
-    for s in range(stages):
-      ax = axes[i, s + 1]
+      ax.set_title("CT, reference", fontsize=7)
+    else:
+      shape = tuple(n // 2 ** s for n in padded_label.shape)
+      reached = np.zeros(hu_slice.shape + (3,), np.float32)
+      for value, colour in ((1, (0.2, 0.85, 0.2)), (2, (1.0, 0.2, 0.2))):
+        m = np.asarray(downsample_mask((padded_label >= value)[None], shape, pooling))[0]
+        reached[_upsampled_crop(m, 2 ** s, pad, hu_slice.shape)] = colour
+      ax.imshow(np.stack([_to_display(reached[..., i]) for i in range(3)], axis=-1),
+                interpolation="nearest")
+      ax.set_title(f"reference at stage {s + 1}", fontsize=7)
+    ax.text(-0.06, 0.5, f"stage {s + 1} (1/{2 ** s})", transform=ax.transAxes, rotation=90,
+            ha="right", va="center", fontsize=8)
+    for c, (column_title, maps, with_rates) in enumerate(columns):
+      ax = axes[s, c + 1]
       ax.set_axis_off()
-      if s >= len(maps):
-        continue
       ax.imshow(_to_display(maps[s]), cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
       contours(ax)
-      text = f"stage {s + 1}" if i == 0 else ""
-      if is_after and rates:
-        text = "  ".join(f"{t} {r[s]:.2f}" for t, r in rates)
       if s == 0:
-        text = (row_title + "\n" + text).strip()
-      ax.set_title(text, fontsize=7)
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
+        ax.set_title(column_title, fontsize=7)
+      if with_rates and rates:
+        ax.text(0.5, -0.02, "rate " + ", ".join(f"{t} {r[s]:.2f}" for t, r in rates),
+                transform=ax.transAxes, ha="center", va="top", fontsize=6)
+  fig.suptitle(title, fontsize=8)
+  fig.tight_layout(rect=(0.03, 0, 1, 0.97))
   _save_png(fig, path)
 
 
@@ -765,7 +776,7 @@ def run(args) -> tuple[dict, list[str]]:
             + (" (compare)" if name == "compare" else ""), v, c) for name, v, c in runs]
   plot_skip_features(os.path.join(out, "skip_features.png"), hu_slice, ref_slice, named,
                      f"{case_name}, axial slice {z}: skip features (channel mean of "
-                     f"normalised maps)", rate_lines[:2])
+                     f"normalised maps)", rate_lines[:2], args.pooling)
   return document, [json_path, os.path.join(out, "permeation.png"),
                     os.path.join(out, "skip_features.png")]
 
