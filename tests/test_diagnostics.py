@@ -373,3 +373,9 @@ def test_cli_no_objects_is_a_user_error(tmp_path):
   with pytest.raises(diagnostics.UserError, match="no liver or tumour"):
     diagnostics.run(diagnostics._parse(["--workdir", str(run_dir), "--split", "all",
                                         "--out", str(tmp_path / "o")]))
+
+
+def test_permeation_rate_is_exported_lazily():
+  import munet_jax
+  assert "permeation_rate" in munet_jax.__all__
+  assert munet_jax.permeation_rate is permeation_rate
