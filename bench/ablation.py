@@ -1,7 +1,7 @@
 """The mU-Net ablation: U-Net, U-Net + ODU residual path, mU-Net; same data, budget and seeds.
 
   python bench/ablation.py [--scale cpu|gpu] [--seeds N] [--steps N] [--out DIR]
-                           [--variants unet,odu,munet]
+                           [--variants unet,odu,munet] [--set KEY=VALUE ...]
 
 Does the object-dependent up-sampling keep small tumours alive (the paper's claim)? Three
 networks differ only in the skip connections (`model.odu_residual`, `model.skip_conv`):
@@ -22,13 +22,12 @@ the same held-out volumes.
 
 Deviations from the paper's recipe, for a small budget: loss `ce_dice` (cross-entropy +
 soft Dice) instead of MSE on probabilities, and `tumor_oversample` sampling instead of all
-slices uniformly: at the 'cpu' scale 90% of the slices are drawn from tumour slices. With
-MSE and uniform slices a CPU-sized run learns no tumour at all. Even with `ce_dice` and
-30% oversampling, 1,500 steps learned none either (measured, bench/results_ablation.md):
-the soft Dice is taken per slice with smoothing 1, so on a slice without tumour any
-tumour probability mass p costs 1 - 1/(1 + sum p), a steep penalty that keeps the
-tumour output at zero until the network is very sure; slices with tumour in nearly
-every batch are what gets it going. Tumour-free slices still make up the test volumes.
+slices uniformly: at the 'cpu' scale 90% of the slices are drawn from tumour slices.
+With `ce_dice` and 30% oversampling, 1,200-1,500 steps learned no tumour at all (pilots
+in bench/results_ablation.md; the paper's MSE was not tried). A likely cause: the soft
+Dice is taken per slice with smoothing 1, so on a slice without tumour any tumour
+probability mass P costs 1 - 1/(1 + P), a steep penalty that holds the tumour output at
+zero until the network is very sure. The test volumes keep all their slices.
 Also: volumes are drawn at `gen_size` and cropped around the liver (`ensure_data`), and
 widths are smaller than Table I.
 
@@ -45,7 +44,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -198,13 +196,22 @@ def lesion_hits(document: dict) -> list[tuple[str, int, bool, bool]]:
   return out
 
 
-def permeation_of_run(workdir: str, config, small_area_mm2: float) -> dict:
-  """Permeation rates of every object in the run's test volumes: summary and raw rates."""
+def permeation_of_run(workdir: str, config, small_area_mm2: float, untrained: bool = False) -> dict:
+  """Permeation rates of every object in the run's test volumes: summary and raw rates.
+
+  With `untrained`, of the network as the trainer initialised it (the control: what the
+  definition gives before any learning, same weights the run started from).
+  """
+  import jax
   from munet_jax import diagnostics
   from munet_jax.data import nifti
   from munet_jax.data.discovery import find_cases
   from munet_jax.training.checkpointing import load_variables
-  _, variables, _ = load_variables(workdir, "latest")
+  from munet_jax.training.state import create_train_state, variables_of
+  if untrained:
+    variables = variables_of(create_train_state(config, jax.random.key(config.seed)))
+  else:
+    _, variables, _ = load_variables(workdir, "latest")
   stages = len(config.model.features) - 1
   cases = {c.name: c for c in find_cases(config.data.root)}
   records = []
@@ -235,17 +242,24 @@ def train_one(out: str, scale: dict, variant: str, seed: int, steps: int, data: 
       previous = json.load(f)
     if previous.get("config") == json.loads(json.dumps(config.to_dict())):
       print(f"{variant} seed {seed}: re-using the finished run in {workdir}", flush=True)
+      if "permeation_untrained" not in previous:
+        previous["permeation_untrained"] = permeation_of_run(
+            workdir, config, float(config.eval.small_lesion_mm) ** 2, untrained=True)
+        write_json(done, json.loads(json.dumps(previous, default=list)))
       return previous
   print(f"\n=== {VARIANTS[variant][0]} ({variant}), seed {seed}, {steps} steps -> {workdir}",
         flush=True)
   t0 = time.perf_counter()
   document = train_and_evaluate(config, workdir)
   t_train = time.perf_counter() - t0
-  permeation = permeation_of_run(workdir, config, float(config.eval.small_lesion_mm) ** 2)
+  small_area = float(config.eval.small_lesion_mm) ** 2
+  permeation = permeation_of_run(workdir, config, small_area)
+  untrained = permeation_of_run(workdir, config, small_area, untrained=True)
   t_all = time.perf_counter() - t0
   record = {"variant": variant, "seed": seed, "steps": steps, "config": config.to_dict(),
             "metrics": run_metrics(document), "lesions": lesion_hits(document),
-            "permeation": permeation, "wall_s": {"train_and_test": t_train, "total": t_all}}
+            "permeation": permeation, "permeation_untrained": untrained,
+            "wall_s": {"train_and_test": t_train, "total": t_all}}
   write_json(done, json.loads(json.dumps(record, default=list)))
   print(f"{variant} seed {seed}: {t_train:.0f} s training + test, {t_all:.0f} s with "
         f"permeation", flush=True)
@@ -357,47 +371,75 @@ def format_table(records, variants, stages) -> str:
       lines.append(f"- {VARIANTS[v][0]}: " + "; ".join(parts))
   lines += ["", "Permeation rate per stage on the test volumes' objects (mean over seeds ± "
             "std over seeds of each run's mean over objects; in brackets the share of "
-            "objects at -0.5):", "",
+            "objects at -0.5). 'untrained': the same networks as initialised, the control:", "",
             "| variant | objects | " + " | ".join(f"stage {s}" for s in range(1, stages + 1))
             + " |", "| --- | --- |" + " --- |" * stages]
   for v in variants:
-    for group in ("small", "large"):
-      runs = [r["permeation"]["summary"][group] for r in records if r["variant"] == v]
-      if not runs:
+    for key, when in (("permeation", "trained"), ("permeation_untrained", "untrained")):
+      for group in ("small", "large", "tumour_small", "tumour_large"):
+        runs = [r[key]["summary"][group] for r in records if r["variant"] == v and key in r]
+        if not runs:
+          continue
+        cells = []
+        for s in range(stages):
+          means = [e["mean"][s] for e in runs if e["mean"][s] is not None]
+          vanished = [e["vanished"][s] for e in runs if e["vanished"][s] is not None]
+          cell = _mean_std(means)
+          if vanished:
+            cell += f" ({100 * np.mean(vanished):.0f}%)"
+          cells.append(cell)
+        lines.append(f"| {VARIANTS[v][0]}, {when}, {group.replace('_', ' ')} | "
+                     f"{runs[0]['objects']} | " + " | ".join(cells) + " |")
+  lines += ["", "The paper's claim in numbers: permeation of small minus large tumours, per "
+            "run, then mean ± std over seeds (seeds where small > large):", "",
+            "| variant | " + " | ".join(f"stage {s}" for s in range(1, stages + 1)) + " |",
+            "| --- |" + " --- |" * stages]
+  for v in variants:
+    for key, when in (("permeation", "trained"), ("permeation_untrained", "untrained")):
+      diffs = []
+      for r in records:
+        if r["variant"] != v or key not in r:
+          continue
+        sm, lg = r[key]["summary"]["tumour_small"]["mean"], r[key]["summary"]["tumour_large"]["mean"]
+        diffs.append([None if a is None or b is None else a - b for a, b in zip(sm, lg)])
+      if not diffs:
         continue
       cells = []
       for s in range(stages):
-        means = [e["mean"][s] for e in runs if e["mean"][s] is not None]
-        vanished = [e["vanished"][s] for e in runs if e["vanished"][s] is not None]
-        cell = _mean_std(means)
-        if vanished:
-          cell += f" ({100 * np.mean(vanished):.0f}%)"
-        cells.append(cell)
-      lines.append(f"| {VARIANTS[v][0]}, {group} | {runs[0]['objects']} | "
-                   + " | ".join(cells) + " |")
+        col = [d[s] for d in diffs if d[s] is not None]
+        cells.append(_mean_std(col) + f" ({sum(c > 0 for c in col)}/{len(col)})" if col else "-")
+      lines.append(f"| {VARIANTS[v][0]}, {when} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def plot(records, variants, stages, path: str, title: str) -> None:
-  """Permeation rate per stage, small vs large objects, one panel per variant."""
+  """Permeation rate per stage of small tumours, large tumours and the liver, one panel per
+  variant: trained (mean ± std over seeds, thin lines per seed) and untrained (dashed)."""
   from matplotlib.figure import Figure
-  from munet_jax.diagnostics import GROUP_STYLE, SENTINEL, _save_png
-  fig = Figure(figsize=(3.2 * len(variants), 3.3), dpi=90)
+  from munet_jax.diagnostics import SENTINEL, _save_png
+  groups = (("tumour_small", "#1f77b4", "small tumours"), ("tumour_large", "#d62728", "large tumours"),
+            ("liver_large", "#2ca02c", "liver (large)"))
+  fig = Figure(figsize=(3.3 * len(variants), 3.5), dpi=90)
   axes = np.atleast_1d(fig.subplots(1, len(variants), sharey=True))
   x = np.arange(1, stages + 1)
   for ax, v in zip(axes, variants):
-    for k, group in enumerate(("small", "large")):
-      colour, label = GROUP_STYLE[group]
+    for k, (group, colour, label) in enumerate(groups):
       runs = [r["permeation"]["summary"][group] for r in records if r["variant"] == v]
       per_run = np.array([[np.nan if m is None else m for m in e["mean"]] for e in runs], float)
       vanished = np.array([[np.nan if m is None else m for m in e["vanished"]] for e in runs])
       mean = np.nanmean(per_run, axis=0)
       std = np.nanstd(per_run, axis=0, ddof=1) if len(runs) > 1 else np.zeros(stages)
-      offset = (k - 0.5) * 0.1
+      offset = (k - 1) * 0.1
       for row in per_run:
         ax.plot(x + offset, row, color=colour, alpha=0.25, lw=0.8)
       ax.errorbar(x + offset, mean, yerr=std, marker="o", capsize=3, color=colour,
                   label=f"{label} (n={runs[0]['objects']})")
+      before = [r["permeation_untrained"]["summary"][group] for r in records
+                if r["variant"] == v and "permeation_untrained" in r]
+      if before:
+        init = np.nanmean([[np.nan if m is None else m for m in e["mean"]] for e in before], 0)
+        ax.plot(x + offset, init, color=colour, ls="--", lw=1.0, marker="x", ms=4,
+                label=f"{label}, untrained")
       for xs, share in zip(x + offset, np.nanmean(vanished, axis=0)):
         if share > 0:
           ax.annotate(f"{100 * share:.0f}%", (xs, SENTINEL), ha="center", fontsize=7,
@@ -408,7 +450,7 @@ def plot(records, variants, stages, path: str, title: str) -> None:
     ax.set_xticks(x)
     ax.set_xlabel("stage", fontsize=8)
   axes[0].set_ylabel("permeation rate", fontsize=8)
-  axes[0].legend(fontsize=7, loc="lower left")
+  axes[0].legend(fontsize=6, loc="lower left", ncol=2)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   _save_png(fig, path)
@@ -463,7 +505,9 @@ def main(argv=None) -> int:
   header = (f"command: {command.strip()}\n"
             f"device: {device}, {platform.node()}\n"
             f"date: {started.isoformat(timespec='seconds')}; wall time {wall / 60:.1f} min "
-            f"(load average at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f})\n"
+            f"(load average at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f}); "
+            f"the runs' own time, summed (re-used runs included): "
+            f"{sum(r['wall_s']['total'] for r in records) / 60:.1f} min\n"
             f"scale {args.scale}: {scale['train']} training / {scale['test']} test volumes, "
             f"drawn at {scale['gen_size']}x{scale['gen_size']}x{scale['slices']}, liver region "
             f"{scale['size']}x{scale['size']}; widths {scale['features']}, batch "
@@ -479,7 +523,8 @@ def main(argv=None) -> int:
              "runs": records}
   write_json(os.path.join(out, "ablation.json"), json.loads(json.dumps(summary, default=list)))
   plot(records, variants, stages, os.path.join(out, "permeation.png"),
-       f"permeation rate on held-out objects, {seeds} seeds (small: < 28 x 28 mm²)")
+       f"permeation rate on held-out objects, {seeds} seeds (small: < 28 x 28 mm² "
+       f"in the slice; dashed: untrained)")
   print(f"\nwrote {out}/ablation.md, ablation.json, permeation.png")
   return 0
 

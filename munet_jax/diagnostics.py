@@ -28,17 +28,30 @@ Definition (our reading of Eq. 7, whose typesetting the PDF lost; PAPER.md):
      the sentinel -0.5 (the paper's "no meaningful features") when the masked mean of
      x_s is <= 0.01, and when the object has no pixel at stage s.
   For a network without the residual path the rate is therefore exactly 1 wherever it
-  is defined. The rate is not bounded by 1: r_s may be brighter than x_s inside the
-  object after its own normalisation (an object that u_s darkens less than the rest of
-  the map).
+  is defined. The rate is not bounded by 1, and values above 1 are common in trained
+  networks: r_s is a signed residual, so min-max normalisation puts its zero (full
+  cancellation) near mid-range, while x_s inside an organ often sits near the bottom of
+  its own range. Compare objects (small against large) rather than reading the value
+  against 1 (bench/results_ablation.md).
 
 Slices whose sides are not a multiple of 2**(S-1) are edge-padded, as the model does
 itself; the mask is padded with background, and normalisation covers the padded map.
+
+Objects (command line): per axial slice, every 2-D tumour component (face connectivity)
+and the liver (labels 1 and 2); small when its area in that slice, with the volume's
+spacing, is below `eval.small_lesion_mm` squared (28 x 28 mm², the paper's bound; its
+"65 pixels at stage 4" depends on the pixel size, so the physical area is used).
 
 Command line (PNG plots with matplotlib's Agg canvas, a JSON of the numbers):
   python -m munet_jax.diagnostics --workdir W [--data DIR] [--split val] [--out DIR]
       [--compare-workdir W2] [--which latest|best] [--max-slices N] [--pooling area|max]
       [--small-lesion-mm MM] [--batch-size B]
+writes OUT/permeation.json (every object's rates and the summary per group), OUT/
+permeation.png (Fig. 2: rate per stage, small against large objects, mean ± std of the
+defined rates, each object a dot, the share at -0.5 annotated) and OUT/skip_features.png
+(Fig. 3: for the held-out slice with a small and a large tumour, x_s and r_s per stage;
+with --compare-workdir, the second run's skip features beside them). OUT defaults to
+WORKDIR/diagnostics.
 """
 
 from __future__ import annotations
@@ -46,7 +59,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 import tempfile
