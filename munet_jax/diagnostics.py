@@ -476,7 +476,7 @@ def plot_permeation(path: str, series: dict, stages: int, title: str,
     path: the .png file (written atomically).
     series: {label: summary entry of `summarize_rates` (keys 'mean', 'std', 'vanished',
       'objects')}; a label starting with 'small'/'large' takes that group's colour unless
-      it is a (label, colour) tuple key.
+      it is a (label, colour) tuple key; a label ending in '(compare)' is drawn dashed.
     stages: S-1.
     title: the figure's title.
     records: optional {label: (K, S-1) array of per-object rates}, drawn as faint dots
@@ -505,7 +505,9 @@ def plot_permeation(path: str, series: dict, stages: int, title: str,
     mean = np.array([np.nan if v is None else v for v in entry["mean"]])
     std = np.array([np.nan if v is None else v for v in entry["std"]])
     vanished = entry.get("vanished") or [None] * stages
-    ax.errorbar(x + offset, mean, yerr=std, marker="o", capsize=3, color=colour,
+    second = label.endswith("(compare)")   # the --compare-workdir run: dashed, squares
+    ax.errorbar(x + offset, mean, yerr=std, marker="s" if second else "o", capsize=3,
+                color=colour, ls="--" if second else "-", mfc="white" if second else colour,
                 label=f"{label} (n={entry['objects']})")
     for xs, v, m in zip(x + offset, vanished, mean):
       if v is not None and v > 0:
@@ -767,7 +769,9 @@ def run(args) -> tuple[dict, list[str]]:
   for name, recs in records.items():
     summary = document["summary"] if name == "run" else document["compare"]["summary"]
     for group in ("small", "large"):
-      label = group if compare is None else f"{group}, {name}"
+      label = group if compare is None else (
+          f"{group}, {_model_name(config)}" if name == "run"
+          else f"{group}, {_model_name(compare[0])} (compare)")
       series[label] = summary[group]
       dots[label] = [r["rates"] for r in recs if r["small"] == (group == "small")]
   model_name = _model_name(config)
