@@ -14,13 +14,14 @@ Attributes are imported on first use, so that command-line tools which never tou
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["apply", "base_config", "init", "load", "metrics", "preprocess"]
+__all__ = ["apply", "base_config", "init", "load", "metrics", "permeation_rate", "preprocess"]
 
 _LAZY = {
     "apply": ("munet_jax.api", "apply"),
     "init": ("munet_jax.api", "init"),
     "load": ("munet_jax.api", "load"),
     "base_config": ("munet_jax.config", "base_config"),
+    "permeation_rate": ("munet_jax.diagnostics", "permeation_rate"),
     "preprocess": ("munet_jax.preprocessing", "preprocess"),
 }
 

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def demo_cases():
-  """Twelve 64 x 64 x 24 cases, the size the training demo uses."""
+  """Twelve small (64 x 64 x 24) cases."""
   return [synthetic.make_case(np.random.default_rng([0, i]), 64, 24) for i in range(12)]
 
 

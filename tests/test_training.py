@@ -31,6 +31,28 @@ def test_mse_loss_is_mean_squared_error_of_softmax_probabilities():
   np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+def test_soft_dice_is_pooled_over_the_batch_per_class():
+  labels = jnp.zeros((2, 4, 4), jnp.int32).at[0, :2, :2].set(1).at[1, 0, 0].set(2)
+  logits = jax.random.normal(jax.random.key(2), (2, 4, 4, 3))
+  probs = jax.nn.softmax(logits)
+  expected = []
+  for k in (1, 2):
+    p, t = probs[..., k], (labels == k).astype(jnp.float32)
+    expected.append(1 - (2 * jnp.sum(p * t) + 1) / (jnp.sum(p) + jnp.sum(t) + 1))
+  got = losses.soft_dice_loss(logits, labels, jnp.ones(2, bool))
+  np.testing.assert_allclose(got, np.mean(expected), rtol=1e-6)
+
+
+def test_soft_dice_on_a_slice_without_tumour_costs_in_proportion_to_the_mass():
+  # One slice with a large tumour predicted well, one without tumour with a little
+  # tumour mass: pooled, the small false mass costs little.
+  labels = jnp.zeros((2, 8, 8), jnp.int32).at[0, :4, :4].set(2)
+  logits = 8.0 * jax.nn.one_hot(labels, 3)
+  logits = logits.at[1, 0, 0].set(jnp.array([0.0, 0.0, 8.0]))   # one false tumour pixel
+  got = float(losses.soft_dice_loss(logits, labels, jnp.ones(2, bool)))
+  assert got < 0.05
+
+
 @pytest.mark.parametrize("name", ["mse", "dice", "ce_dice"])
 def test_losses_ignore_masked_rows(name):
   fn = losses.get_loss(name)

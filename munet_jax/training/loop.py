@@ -112,15 +112,16 @@ def _sync(name: str) -> None:
 def evaluate_split(variables, config, slice_store, names, progress=False) -> list[dict]:
   """Segments whole volumes of the store and scores them (3-D metrics per volume)."""
   from munet_jax.evaluation import score_case
-  from munet_jax.inference import segment_volume
+  from munet_jax.inference import VolumeSegmenter
   stored = {v.name for v in slice_store.volumes}
   names = [n for n in names if n in stored]   # cases skipped as bad are left out
+  segment = VolumeSegmenter(variables, config)
   entries = []
   for name in tqdm(names, desc="evaluate", unit="volume", disable=not progress, leave=False):
     hu, ref = slice_store.volume(name)                 # (Z, H, W), RAS
     sz, sh, sw = slice_store.info(name).spacing
     hu, ref = np.moveaxis(hu, 0, -1), np.moveaxis(ref, 0, -1)   # slices last: (H, W, Z)
-    pred = segment_volume(variables, config, np.asarray(hu))
+    pred = segment(hu)
     entries.append(score_case(name, pred, np.asarray(ref), (sh, sw, sz),
                               config.eval.small_lesion_mm))
   return entries

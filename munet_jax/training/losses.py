@@ -1,7 +1,7 @@
 """Segmentation losses on (N, H, W, K) logits with integer labels and a per-row mask.
 
-Padding rows (mask False) contribute nothing, and every loss is normalised by the number
-of real rows, so the value does not depend on how much padding the batch carries.
+Padding rows (mask False) contribute nothing, and every loss is normalised over the real
+rows only, so the value does not depend on how much padding the batch carries.
 """
 
 from __future__ import annotations
@@ -24,13 +24,22 @@ def mse_loss(logits, labels, mask):
 
 
 def soft_dice_loss(logits, labels, mask, eps: float = 1.0):
-  """1 - soft Dice per slice and foreground class (classes 1..K-1), averaged."""
+  """1 - soft Dice per foreground class (classes 1..K-1) over the whole batch, averaged.
+
+  The sums run over every real row's pixels before the ratio (a "batch Dice"). Per
+  slice, a class the slice does not hold would score (eps) / (P + eps) for predicted
+  mass P: every tumour probability on a tumour-free slice costs almost a full unit,
+  while a correct pixel inside a tumour earns little, and small tumours are never
+  learned. Pooled over the batch, absent classes cost in proportion. The sums are over
+  the global batch, so the value does not depend on how it is split over devices.
+  """
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1:]
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)[..., 1:]
-  inter = jnp.sum(probs * onehot, axis=(1, 2))
-  denom = jnp.sum(probs, axis=(1, 2)) + jnp.sum(onehot, axis=(1, 2))
-  dice = (2.0 * inter + eps) / (denom + eps)   # (N, K-1); an absent class scores 1 when empty
-  return _masked_mean(jnp.mean(1.0 - dice, axis=-1), mask)
+  rows = mask.astype(jnp.float32)[:, None, None, None]
+  inter = jnp.sum(probs * onehot * rows, axis=(0, 1, 2))
+  denom = jnp.sum((probs + onehot) * rows, axis=(0, 1, 2))
+  dice = (2.0 * inter + eps) / (denom + eps)   # (K-1,); a class absent everywhere scores ~1
+  return jnp.mean(1.0 - dice)
 
 
 def cross_entropy_loss(logits, labels, mask):
