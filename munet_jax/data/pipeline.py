@@ -53,7 +53,8 @@ _worker_index = None    # this Grain worker's index; None in the main process
 
 
 def _mark_worker(index: int, count: int) -> None:
-  """Grain worker start-up: remembers the worker's index and leaves Ctrl-C to the trainer.
+  """Grain worker start-up: remembers the worker's index, leaves Ctrl-C to the trainer
+  and ends the worker when the trainer is gone.
 
   Ctrl-C reaches the whole process group; the training loop answers it by saving a
   checkpoint and closing the iterator, which stops the workers. Left to the default,
@@ -62,6 +63,28 @@ def _mark_worker(index: int, count: int) -> None:
   global _worker_index
   _worker_index = index
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  _exit_with_parent()
+
+
+def _exit_with_parent(interval: float = 0.5) -> None:
+  """Ends this process soon after its parent dies.
+
+  A trainer killed with SIGKILL (the OOM killer, a scheduler's hard limit) cannot stop
+  its Grain workers; they would live on as orphans, each holding its share of memory
+  and the trainer's stdout and stderr. A daemon thread watches the parent's pid: when
+  it changes, the parent is gone, and the worker goes too.
+  """
+  import os
+  import threading
+  import time
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(interval)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _absl_flags_default() -> None:

@@ -70,6 +70,12 @@ def main(argv: Sequence[str]) -> int:
   from munet_jax.training import loop
   try:
     loop.train_and_evaluate(config, args.workdir)
+  except KeyboardInterrupt:
+    # Ctrl-C before the training loop took over the signal (data, compilation, restore),
+    # or a second Ctrl-C inside it: no new checkpoint, the complete ones stay.
+    print("stopped by Ctrl-C; no checkpoint saved now. Rerun the same command to resume "
+          "from the newest one.", file=sys.stderr)
+    return 130
   except loop.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     return loop.EXIT_DIVERGED
