@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ from munet_jax.config import config_from_dict
 from munet_jax.errors import UserError
 
 BEST_METRIC = "liver_dsc"
+DAMAGED_SUFFIX = ".damaged"   # a damaged step folder set aside by a resumed run
 log = logging.getLogger(__name__)
 
 
@@ -79,21 +81,72 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     return restored.state, restored.data
 
-  def restore_latest(self, target_state: Any) -> tuple[int, Any, dict] | None:
-    """Newest complete checkpoint that restores; a damaged one is skipped with a warning.
+  def restore_latest(self, target_state: Any, config: ml_collections.ConfigDict | None = None
+                     ) -> tuple[int, Any, dict] | None:
+    """Newest complete checkpoint that restores; damaged newer ones are set aside.
 
-    Returns None when there is no checkpoint; raises UserError when every one is damaged.
+    A checkpoint that fails to restore (a truncated or deleted file inside it) is skipped
+    for the next older one. When an older one restores, each damaged newer one gets a
+    one-line warning and is renamed `STEP.damaged` in the same folder: kept for a look,
+    out of the way of the resumed run, which saves that step again.
+
+    Returns None when there is no checkpoint; raises UserError naming the folder, as
+    the only output, when none restores: when `config` is given and its model differs
+    from the one the checkpoints were saved with, the error names the differing key.
     """
     steps = self.steps()
-    for step in reversed(steps):
-      try:
-        state, data = self.restore(step, target_state)
+    damaged = []
+    with _orbax_quiet():
+      for step in reversed(steps):
+        try:
+          state, data = self.restore(step, target_state)
+        except Exception as e:  # a truncated or half-deleted checkpoint
+          damaged.append((step, e))
+          continue
+        for bad_step, error in damaged:
+          _warn_damaged(self.directory, bad_step, error, "setting it aside as "
+                        f"{bad_step}{DAMAGED_SUFFIX} and resuming from step {step}")
+        self._set_aside([s for s, _ in damaged])
         return step, state, data
-      except Exception as e:  # a truncated or half-deleted checkpoint
-        _warn_damaged(self.directory, step, e)
     if steps:
-      raise UserError(f"{self.directory}: every checkpoint is damaged ({len(steps)} tried)")
+      if config is not None:
+        self._check_same_model(steps[-1], config)
+      raise UserError(_none_restores(self.directory, damaged))
     return None
+
+  def _check_same_model(self, step: int, config: ml_collections.ConfigDict) -> None:
+    """A UserError naming the first `model.*` key whose value differs from `step`'s config."""
+    try:
+      saved = self.manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore())).config["model"]
+    except Exception:  # no readable config: the damage is reported instead
+      return
+    for key, value in config.model.to_dict().items():
+      before = saved.get(key)
+      if isinstance(value, (tuple, list)) and isinstance(before, (tuple, list)):
+        value, before = list(value), list(before)
+      if key in saved and before != value:
+        raise UserError(
+            f"{self.directory}: the checkpoints are of another model (config key "
+            f"'model.{key}' is {saved[key]!r} there, {getattr(config.model, key)!r} now); "
+            "resume with the run's config, or train in a new --workdir")
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames damaged step folders out of Orbax's sight (process 0; all wait for it)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        source = os.path.join(self.directory, str(step))
+        target, n = source + DAMAGED_SUFFIX, 1
+        while os.path.exists(target):
+          n += 1
+          target = f"{source}{DAMAGED_SUFFIX}-{n}"
+        os.rename(source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("damaged checkpoints set aside")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -136,10 +189,10 @@ def load_variables(workdir: str, which: str = "latest"
           damaged.append((step, e))
           continue
         for bad_step, error in damaged:
-          _warn_damaged(directory, bad_step, error)
+          _warn_damaged(directory, bad_step, error, f"using step {step}")
         state = restored.state
         return config, {"params": state["params"], "batch_stats": state["batch_stats"]}, step
-      raise UserError(f"{directory}: every checkpoint is damaged ({len(steps)} tried)")
+      raise UserError(_none_restores(directory, damaged))
     finally:
       ckpt.close()
 
@@ -155,15 +208,47 @@ def _orbax_quiet():
   logger = logging.getLogger("asyncio")
   level = logger.level
   logger.setLevel(logging.CRITICAL)
+  _drop_closed_loop_callbacks()
   try:
     yield
   finally:
     logger.setLevel(level)
 
 
-def _warn_damaged(directory: str, step: int, error: Exception) -> None:
-  """One warning line: TensorStore's reasons run over many lines and kilobytes."""
+def _drop_closed_loop_callbacks() -> None:
+  """Keeps TensorStore's late callbacks after a failed restore off stderr, for good.
+
+  When one read of a damaged checkpoint fails, Orbax's event loop ends while TensorStore
+  still completes the other reads; each then calls back into the closed loop and Python
+  prints a "RuntimeError: Event loop is closed" traceback as an unraisable exception,
+  possibly long after the restore returned. Those (and only those) are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_munet_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._munet_drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _reason(error: Exception, limit: int = 120) -> str:
+  """One line of at most `limit` characters: TensorStore's reasons run over many lines."""
   reason = " ".join(f"{type(error).__name__}: {error}".split())
-  if len(reason) > 120:
-    reason = reason[:117] + "..."
-  log.warning("checkpoint %s/%d is damaged (%s); trying an older one", directory, step, reason)
+  return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+def _warn_damaged(directory: str, step: int, error: Exception, action: str) -> None:
+  log.warning("checkpoint %s/%d is damaged (%s); %s", directory, step, _reason(error), action)
+
+
+def _none_restores(directory: str, damaged: list[tuple[int, Exception]]) -> str:
+  """The error when no checkpoint restores: the folder, how many, the newest one's reason."""
+  step, error = damaged[0]
+  return (f"{directory}: every checkpoint is damaged ({len(damaged)} tried; step {step}: "
+          f"{_reason(error)})")

@@ -138,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   state = create_train_state(config, jax.random.key(config.seed))
   state = jax.device_put(state, parallel.replicated(mesh))
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
-  restored = ckpt.restore_latest(state)
+  restored = ckpt.restore_latest(state, config)
   data_state = None
   if restored is not None:
     start_step, state, data_state = restored

@@ -10,8 +10,10 @@ results are bitwise those of a fresh compile (checked when this suite was writte
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -112,6 +114,31 @@ def run(tool: str, *args, **kwargs) -> subprocess.CompletedProcess:
 def kill(proc: subprocess.Popen, signum=signal.SIGKILL) -> subprocess.CompletedProcess:
   proc.send_signal(signum)
   return finish(proc)
+
+
+def shared(tmp_path_factory, name, make):
+  """`make(folder)` run once per test session, by all xdist workers, in a shared folder.
+
+  The first worker to come makes it while the others wait on a file lock; a worker that
+  failed half-way leaves it to be made again. Returns the folder.
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent          # the session's folder above gw0, gw1, ...
+  folder = base / f"reliability-{name}"
+  with open(base / f"reliability-{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      done = folder / ".done"
+      if not done.exists():
+        if folder.exists():      # a worker failed half-way: start again
+          shutil.rmtree(folder)
+        os.makedirs(folder)
+        make(folder)
+        done.write_text("")
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return folder
 
 
 # ------------------------------------------------------------------------- on disk
@@ -224,3 +251,46 @@ def nifti_files(folder) -> list[str]:
 def read_json(path):
   with open(path) as f:
     return json.load(f)
+
+
+# ------------------------------------------------------------------------- damage
+
+
+def copy_run(workdir, to) -> str:
+  """A copy of a training run's folder (checkpoints, metrics, results) to damage."""
+  shutil.copytree(str(workdir), str(to), symlinks=True)
+  return str(to)
+
+
+def damage_checkpoint(workdir, step: int, how: str) -> str:
+  """Damages checkpoint `step` of a run; returns the damaged file's path.
+
+  'truncated' cuts the largest array-data file of its train state to half: a file of
+  `state/d/`, where Orbax merges the arrays when a save completes (`ocdbt.process_*/d`
+  hold what it merged from, which a restore no longer reads; bench/checkpoint_damage.py
+  damages every file in turn). 'deleted' removes the state's `_METADATA` (its tree).
+  """
+  state = os.path.join(checkpoint_dir(workdir), str(step), "state")
+  if how == "truncated":
+    data = os.path.join(state, "d")
+    files = [os.path.join(data, f) for f in os.listdir(data)] if os.path.isdir(data) else []
+    assert files, f"no merged array data in {state}"
+    path = max(files, key=os.path.getsize)
+    os.truncate(path, os.path.getsize(path) // 2)
+  elif how == "deleted":
+    path = os.path.join(state, "_METADATA")
+    os.remove(path)
+  else:
+    raise ValueError(how)
+  return path
+
+
+def warnings(err: str) -> list[str]:
+  return [line for line in stderr_lines(err) if line.startswith("WARNING")]
+
+
+def hidden_files(folder) -> list[str]:
+  """Hidden entries of a folder (where atomic writes keep their temporaries)."""
+  if not os.path.isdir(folder):
+    return []
+  return sorted(n for n in os.listdir(folder) if n.startswith("."))
