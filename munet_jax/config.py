@@ -198,6 +198,9 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     raise UserError(f"{path}: {e}") from e
   except Exception as e:  # a broken config file is the user's to fix
     raise UserError(f"{path}: cannot load config: {type(e).__name__}: {e}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"{path}: get_config() must return an ml_collections.ConfigDict "
+                    f"(start from munet_jax.config.base_config()), got {type(config).__name__}")
   config = validate(config)
   config.lock()
   return config

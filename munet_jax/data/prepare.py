@@ -33,10 +33,11 @@ def main(argv: Sequence[str]) -> int:
   cache_dir = args.cache_dir or store.default_cache_dir(args.root)
   slice_store = store.prepare_store(cases, cache_dir, skip_bad=args.skip_bad,
                                     progress=sys.stderr.isatty())
+  if not slice_store.volumes:   # one line, as every error: the first case's reason
+    name, reason = slice_store.skipped[0]
+    raise UserError(f"{args.root}: every case is bad, nothing was prepared ({name}: {reason})")
   for name, reason in slice_store.skipped:
     print(f"skipped {name}: {reason}", file=sys.stderr)
-  if not slice_store.volumes:
-    raise UserError(f"{args.root}: every case is bad, nothing was prepared")
   liver = sum(sum(b - a for a, b in v.liver) for v in slice_store.volumes)
   tumour = sum(sum(b - a for a, b in v.tumor) for v in slice_store.volumes)
   print(f"{slice_store.cache_dir}: {len(slice_store)} volumes, {slice_store.num_slices} "

@@ -24,6 +24,10 @@ def parse_args(argv: Sequence[str]):
   parser = _Parser(prog="train.py", description="Train mU-Net on a CT data set.")
   parser.add_argument("--config", required=True, help="an ml_collections config file")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics and results")
+  parser.add_argument("--skip-bad", action="store_true",
+                      help="leave bad cases of the data folder out (listed on stderr and in "
+                      "the results) instead of stopping; the same as "
+                      "--config.data.skip_bad=True")
   parser.add_argument("--coordinator", help="multi-host: host:port of process 0 "
                       "(automatic on SLURM and Cloud TPU)")
   parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -56,12 +60,27 @@ def initialize_distributed(args) -> None:
     jax.distributed.initialize()
 
 
+def make_workdir(workdir: str) -> None:
+  """Creates `workdir` if missing; a file there, or a folder we cannot write, is a UserError."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"{workdir}: --workdir must be a folder, this is a file")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"{workdir}: cannot create --workdir ({e.strerror or e})") from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f"{workdir}: --workdir is not writable")
+
+
 def main(argv: Sequence[str]) -> int:
   from munet_jax.config import apply_overrides, load_config_file
   args, overrides = parse_args(argv)
   config = load_config_file(args.config)
+  if args.skip_bad:
+    overrides.append("data.skip_bad=True")
   if overrides:
     config = apply_overrides(config, overrides)
+  make_workdir(args.workdir)
   from munet_jax.runtime import configure_logging
   configure_logging()
   initialize_distributed(args)
