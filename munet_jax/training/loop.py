@@ -90,6 +90,9 @@ def prepare_data(config: ml_collections.ConfigDict):
   if slice_store.skipped and jax.process_index() == 0:
     for name, reason in slice_store.skipped:
       print(f"skipped {name}: {reason}", file=sys.stderr)
+  bad = {name for name, _ in slice_store.skipped}
+  if split["train"] and all(c.name in bad for c in split["train"]):
+    raise UserError(f"{root}: every training case was skipped as bad")
   return split, slice_store
 
 
@@ -221,20 +224,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     if lead:
       plot_curves(workdir)
 
-  return final_evaluation(variables_of(state), config, split, slice_store, workdir)
+  return final_evaluation(variables_of(state), config, split, slice_store, workdir,
+                          int(state.step))
 
 
-def final_evaluation(variables, config, split, slice_store, workdir) -> dict | None:
-  """Scores `train.final_eval_split`, writes workdir/eval/results.json, prints the table."""
+def final_evaluation(variables, config, split, slice_store, workdir, step: int) -> dict | None:
+  """Scores `train.final_eval_split`, writes workdir/eval/results.json, prints the table.
+
+  The document's "source" names the checkpoint step, the split and the data root, and
+  lists as "skipped" the cases of the data root left out as bad (`data.skip_bad`).
+  """
   name = config.train.final_eval_split
   if not name or not split[name] or jax.process_index() != 0:
     return None
   from munet_jax.evaluation import format_table, results, write_json
   entries = evaluate_split(variables, config, slice_store, [c.name for c in split[name]],
                            progress=True)
-  document = results(entries)
+  source = {"checkpoint_step": step, "split": name,
+            "data": os.path.abspath(config.data.root)}
+  if slice_store.skipped:
+    source["skipped"] = [{"case": case, "reason": reason}
+                         for case, reason in slice_store.skipped]
+  document = results(entries, source)
   path = os.path.join(workdir, "eval", "results.json")
   write_json(path, document)
   print(f"\n{name} split, {len(entries)} volumes (results in {path}):")
   print(format_table(document), flush=True)
+  if slice_store.skipped:
+    print(f"skipped as bad ({len(slice_store.skipped)}, not trained on or scored): "
+          + ", ".join(case for case, _ in slice_store.skipped), flush=True)
   return document
