@@ -101,6 +101,7 @@ class Checkpointer:
         try:
           state, data = self.restore(step, target_state)
         except Exception as e:  # a truncated or half-deleted checkpoint
+          _drop_late_restore_errors()
           damaged.append((step, e))
           continue
         for bad_step, error in damaged:
@@ -186,6 +187,7 @@ def load_variables(workdir: str, which: str = "latest"
         except UserError:
           raise
         except Exception as e:
+          _drop_late_restore_errors()
           damaged.append((step, e))
           continue
         for bad_step, error in damaged:
@@ -203,37 +205,49 @@ def _orbax_quiet():
 
   A failed restore leaves asynchronous reads behind whose exceptions asyncio logs with
   tracebacks ("Task exception was never retrieved"); the failure itself is reported
-  once, by `_warn_damaged` or the `UserError`.
+  once, by `_warn_damaged` or the `UserError`. Once a restore has failed, those
+  reports can come at any later moment, so `_drop_late_restore_errors` keeps them off
+  for the rest of the process.
   """
   logger = logging.getLogger("asyncio")
   level = logger.level
   logger.setLevel(logging.CRITICAL)
-  _drop_closed_loop_callbacks()
   try:
     yield
   finally:
-    logger.setLevel(level)
+    if not _late_errors_dropped:
+      logger.setLevel(level)
 
 
-def _drop_closed_loop_callbacks() -> None:
-  """Keeps TensorStore's late callbacks after a failed restore off stderr, for good.
+_late_errors_dropped = False
+
+
+def _drop_late_restore_errors() -> None:
+  """After a failed restore: its late tracebacks stay off stderr, for good.
 
   When one read of a damaged checkpoint fails, Orbax's event loop ends while TensorStore
-  still completes the other reads; each then calls back into the closed loop and Python
-  prints a "RuntimeError: Event loop is closed" traceback as an unraisable exception,
-  possibly long after the restore returned. Those (and only those) are dropped.
+  still completes the other reads. Each then reports on its own, possibly long after
+  the restore returned: a callback into the closed loop ("RuntimeError: Event loop is
+  closed"), an Orbax read coroutine dropped with its exception ("Exception ignored
+  in"), both printed as unraisable exceptions, and asyncio's "Task exception was never
+  retrieved" log records. Those are dropped; other unraisable exceptions are not.
   """
-  previous = sys.unraisablehook
-  if getattr(previous, "_munet_drops_closed_loop", False):
+  global _late_errors_dropped
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  if _late_errors_dropped:
     return
+  _late_errors_dropped = True
+  previous = sys.unraisablehook
 
   def hook(unraisable):
-    error = unraisable.exc_value
+    error, source = unraisable.exc_value, unraisable.object
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    code = getattr(source, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
       return
     previous(unraisable)
 
-  hook._munet_drops_closed_loop = True
   sys.unraisablehook = hook
 
 

@@ -102,21 +102,30 @@ def test_every_checkpoint_damaged_is_exit_2_and_one_line(
   assert not out.exists()
 
 
-def test_late_callbacks_into_a_closed_loop_are_dropped_and_nothing_else(monkeypatch):
-  # What TensorStore does after a failed restore, at random moments: one traceback each.
+def test_late_reports_of_a_failed_restore_are_dropped_and_nothing_else(monkeypatch):
+  # What TensorStore and Orbax leave after a failed restore, at random later moments.
+  import logging
+  import types
   from munet_jax.training import checkpointing
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
-  checkpointing._drop_closed_loop_callbacks()
-  checkpointing._drop_closed_loop_callbacks()     # installed once, not stacked
-
-  class Late:
-    def __init__(self, message):
-      self.message = message
-
-    def __del__(self):
-      raise RuntimeError(self.message)
-
-  Late("Event loop is closed")
-  Late("something else")
-  assert seen == ["something else"]
+  monkeypatch.setattr(checkpointing, "_late_errors_dropped", False)
+  asyncio_log = logging.getLogger("asyncio")
+  level = asyncio_log.level
+  try:
+    checkpointing._drop_late_restore_errors()
+    checkpointing._drop_late_restore_errors()     # installed once, not stacked
+    assert asyncio_log.getEffectiveLevel() == logging.CRITICAL
+  finally:
+    asyncio_log.setLevel(level)
+  namespace = {}
+  exec(compile("async def read(): pass", os.path.join("site-packages", "orbax", "io.py"),
+               "exec"), namespace)
+  orbax_read = namespace["read"]()
+  for error, source in [(RuntimeError("Event loop is closed"), None),
+                        (ValueError("OUT_OF_RANGE"), orbax_read),
+                        (RuntimeError("something else"), None),
+                        (ValueError("OUT_OF_RANGE elsewhere"), object())]:
+    sys.unraisablehook(types.SimpleNamespace(exc_value=error, object=source))
+  orbax_read.close()
+  assert seen == ["something else", "OUT_OF_RANGE elsewhere"]

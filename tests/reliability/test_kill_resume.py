@@ -65,22 +65,26 @@ def test_sigkill_at_seeded_random_moments_then_restart_ends_bitwise_equal(
   assert harness.temporary_saves(workdir) == []
 
 
-@pytest.mark.parametrize("save_index", [1, 4])
+# Orbax commits a save by renames: each item's temporary folder (metrics, config, data,
+# state, in that order), then the step's. Five renames a save; the fault kills the run
+# just before one of them, when everything before it is on disk.
+RENAME = "orbax.checkpoint._src.path.async_path:rename"
+
+
+@pytest.mark.parametrize("save, rename, what", [
+    (2, 4, "the train state written, not yet renamed into the step"),
+    (5, 5, "every item written, the step not yet renamed into place"),
+])
 def test_sigkill_during_an_async_checkpoint_save_resumes_from_the_previous_one(
-    tmp_path, tiny_config, reference_run, save_index):
+    tmp_path, tiny_config, reference_run, save, rename, what):
   workdir = str(tmp_path / "run")
-  step = 2 * (save_index + 1)
+  step = 2 * save
+  killed = harness.run("train", "--config", tiny_config, "--workdir", workdir,
+                       fault=f"{RENAME}:{5 * (save - 1) + rename}:before")
+  assert killed.returncode == -9, killed.stderr[-3000:]
   tmp_dir = os.path.join(harness.checkpoint_dir(workdir), f"{step}{harness.ORBAX_TMP}")
-  proc = harness.start("train", "--config", tiny_config, "--workdir", workdir)
-
-  def mid_write():
-    # Orbax writes the arrays of 'state' into the temporary folder, renames it when done.
-    state = os.path.join(tmp_dir, "state")
-    return os.path.isdir(state) and os.listdir(state)
-
-  harness.wait_until(mid_write, proc, what=f"the save of step {step}")
-  harness.kill(proc)
-  assert os.path.isdir(tmp_dir), "the save finished before the kill"
+  assert os.path.isdir(os.path.join(tmp_dir, "state" if rename == 5 else
+                                    f"state{harness.ORBAX_TMP}")), what
   assert step not in harness.complete_steps(workdir)
   assert harness.complete_steps(workdir)[-1] == step - 2
   _complete_run(tiny_config, workdir)
