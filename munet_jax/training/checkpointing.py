@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -205,38 +206,52 @@ def _orbax_quiet():
 
   A failed restore leaves asynchronous reads behind whose exceptions asyncio logs with
   tracebacks ("Task exception was never retrieved"); the failure itself is reported
-  once, by `_warn_damaged` or the `UserError`. Once a restore has failed, those
-  reports can come at any later moment, so `_drop_late_restore_errors` keeps them off
-  for the rest of the process.
+  once, by `_warn_damaged` or the `UserError`. Those reports can come at any later
+  moment -- even before the failed restore has raised -- so the filters of
+  `_drop_late_restore_errors` are in place before the first restore, and once one has
+  failed they stay for the rest of the process.
   """
   logger = logging.getLogger("asyncio")
   level = logger.level
   logger.setLevel(logging.CRITICAL)
+  _filter_late_restore_errors()
   try:
     yield
   finally:
-    if not _late_errors_dropped:
+    if not _restore_failed:
       logger.setLevel(level)
 
 
-_late_errors_dropped = False
+_restore_failed = False
+_filters_installed = False
 
 
 def _drop_late_restore_errors() -> None:
-  """After a failed restore: its late tracebacks stay off stderr, for good.
+  """After a failed restore: its late reports stay off stderr, for good.
 
   When one read of a damaged checkpoint fails, Orbax's event loop ends while TensorStore
-  still completes the other reads. Each then reports on its own, possibly long after
-  the restore returned: a callback into the closed loop ("RuntimeError: Event loop is
-  closed"), an Orbax read coroutine dropped with its exception ("Exception ignored
-  in"), both printed as unraisable exceptions, and asyncio's "Task exception was never
-  retrieved" log records. Those are dropped; other unraisable exceptions are not.
+  still completes the other reads. Each then reports on its own, at any moment: a
+  callback into the closed loop ("RuntimeError: Event loop is closed"), an Orbax read
+  coroutine dropped with its exception ("Exception ignored in"), both printed as
+  unraisable exceptions, an Orbax read coroutine never started (a RuntimeWarning at
+  exit), and asyncio's "Task exception was never retrieved" log records.
   """
-  global _late_errors_dropped
+  global _restore_failed
+  _restore_failed = True
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-  if _late_errors_dropped:
+  _filter_late_restore_errors()
+
+
+def _filter_late_restore_errors() -> None:
+  """Drops exactly the unraisable exceptions and warnings of `_drop_late_restore_errors`.
+
+  Other unraisable exceptions and warnings still show. Installed once per process.
+  """
+  global _filters_installed
+  if _filters_installed:
     return
-  _late_errors_dropped = True
+  _filters_installed = True
+  warnings.filterwarnings("ignore", r"coroutine '_read_\w+' was never awaited", RuntimeWarning)
   previous = sys.unraisablehook
 
   def hook(unraisable):

@@ -106,18 +106,26 @@ def test_late_reports_of_a_failed_restore_are_dropped_and_nothing_else(monkeypat
   # What TensorStore and Orbax leave after a failed restore, at random later moments.
   import logging
   import types
+  import warnings
   from munet_jax.training import checkpointing
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
-  monkeypatch.setattr(checkpointing, "_late_errors_dropped", False)
+  monkeypatch.setattr(checkpointing, "_restore_failed", False)
+  monkeypatch.setattr(checkpointing, "_filters_installed", False)
   asyncio_log = logging.getLogger("asyncio")
   level = asyncio_log.level
-  try:
-    checkpointing._drop_late_restore_errors()
-    checkpointing._drop_late_restore_errors()     # installed once, not stacked
-    assert asyncio_log.getEffectiveLevel() == logging.CRITICAL
-  finally:
-    asyncio_log.setLevel(level)
+  with warnings.catch_warnings(record=True) as warned:
+    warnings.simplefilter("always")
+    try:
+      checkpointing._drop_late_restore_errors()
+      checkpointing._drop_late_restore_errors()     # installed once, not stacked
+      assert asyncio_log.getEffectiveLevel() == logging.CRITICAL
+    finally:
+      asyncio_log.setLevel(level)
+    warnings.warn("coroutine '_read_array_index_and_device_put' was never awaited",
+                  RuntimeWarning)
+    warnings.warn("coroutine 'mine' was never awaited", RuntimeWarning)
+  assert [str(w.message) for w in warned] == ["coroutine 'mine' was never awaited"]
   namespace = {}
   exec(compile("async def read(): pass", os.path.join("site-packages", "orbax", "io.py"),
                "exec"), namespace)
