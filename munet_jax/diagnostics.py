@@ -61,13 +61,13 @@ import functools
 import json
 import os
 import sys
-import tempfile
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from munet_jax.atomic import atomic_output
 from munet_jax.errors import UserError, run_cli
 
 SENTINEL = -0.5        # the paper's value for "no meaningful feature"
@@ -447,22 +447,8 @@ def summarize_rates(records: Sequence[dict], stages: int) -> dict:
 
 def _save_png(fig, path: str) -> None:
   """Writes a matplotlib figure as PNG atomically (temporary name, then rename)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-  except OSError as e:
-    raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png")
-    os.replace(tmp, path)
-  except BaseException as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    if isinstance(e, OSError):
-      raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
-    raise
+  with atomic_output(path, ".png") as tmp:
+    fig.savefig(tmp, format="png")
 
 
 GROUP_STYLE = {"small": ("#1f77b4", "small objects"), "large": ("#d62728", "large objects")}
@@ -825,8 +811,9 @@ def main(argv: Sequence[str]) -> int:
   args = _parse(argv)
   import matplotlib
   matplotlib.use("Agg")
-  from munet_jax.runtime import configure_jax
+  from munet_jax.runtime import configure_jax, configure_logging
   configure_jax()
+  configure_logging()
   document, paths = run(args)
   print(_format(document))
   print("wrote " + ", ".join(paths))
