@@ -32,7 +32,7 @@ Definition (our reading of Eq. 7, whose typesetting the PDF lost; PAPER.md):
   networks: r_s is a signed residual, so min-max normalisation puts its zero (full
   cancellation) near mid-range, while x_s inside an organ often sits near the bottom of
   its own range. Compare objects (small against large) rather than reading the value
-  against 1 (bench/results_ablation.md).
+  against 1 (bench/RESULTS.md, the ablation).
 
 Slices whose sides are not a multiple of 2**(S-1) are edge-padded, as the model does
 itself; the mask is padded with background, and normalisation covers the padded map.
