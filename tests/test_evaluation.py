@@ -1,20 +1,17 @@
 """Scoring, results.json, global Dice, the printed table, label-file pairing, overlays."""
 
 import json
-import math
 import os
 import shutil
 
-import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import REAL_CT, needs_real_ct
 from munet_jax import evaluation, overlays
 from munet_jax.data import nifti
 from munet_jax.errors import UserError
 
-REAL_CT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "shared", "data", "real_ct")
 
 
 def _labels(shape=(20, 20, 6)):
@@ -200,6 +197,7 @@ def test_prediction_on_another_grid_is_an_error(tmp_path):
   assert not (tmp_path / "out.json").exists()
 
 
+@needs_real_ct
 def test_evaluate_folders_on_the_real_liver_masks_agrees_with_medpy(tmp_path):
   os.makedirs(tmp_path / "p")
   os.makedirs(tmp_path / "r")
