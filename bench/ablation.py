@@ -23,11 +23,11 @@ the same held-out volumes.
 Deviations from the paper's recipe, for a small budget: loss `ce_dice` (cross-entropy +
 soft Dice) instead of MSE on probabilities, and `tumor_oversample` sampling instead of all
 slices uniformly: at the 'cpu' scale 90% of the slices are drawn from tumour slices.
-With `ce_dice` and 30% oversampling, 1,200-1,500 steps learned no tumour at all (pilots
-in bench/results_ablation.md; the paper's MSE was not tried). A likely cause: the soft
-Dice is taken per slice with smoothing 1, so on a slice without tumour any tumour
-probability mass P costs 1 - 1/(1 + P), a steep penalty that holds the tumour output at
-zero until the network is very sure. The test volumes keep all their slices.
+The 90% was chosen when the soft Dice was still taken per slice: then, with 30%
+oversampling, 1,200-1,500 steps learned no tumour at all (pilots in bench/RESULTS.md,
+section "Does the mU-Net idea hold?"). The Dice is now pooled over the batch; the 90% was
+kept so that the study differs from its first run in the loss alone.
+The test volumes keep all their slices.
 Also: volumes are drawn at `gen_size` and cropped around the liver (`ensure_data`), and
 widths are smaller than Table I.
 
@@ -57,7 +57,7 @@ VARIANTS = {"unet": ("U-Net", False, False), "odu": ("U-Net + ODU", True, False)
 
 # Each scale: data (synthetic cases, in-plane size, slices per volume), model widths and
 # the training budget. 'cpu' is sized to finish on a shared 2-core CPU within an hour
-# (measured: bench/results_ablation.md); 'gpu' is the same study at four times the
+# (measured: bench/RESULTS.md); 'gpu' is the same study at four times the
 # resolution, more cases, steps and seeds.
 SCALES = {
     "cpu": dict(gen_size=128, size=64, slices=32, train=18, test=16, features=(8, 16, 32, 64),

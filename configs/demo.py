@@ -9,8 +9,8 @@ Departures from the paper's recipe (configs/lits.py), for a CPU budget of minute
 around the body; evaluation segments whole slices), widths 16..128 over four stages,
 soft Dice + cross-entropy instead of MSE, a higher learning rate decaying faster, no
 dropout, and tumour slices oversampled. At this size most synthetic tumours are a few
-voxels across, and a model this small and this briefly trained does not find them: the
-demo's tumour row stays near zero. Liver is what it shows.
+voxels across, and a model this small and this briefly trained finds few of them (a
+fifth of the held-out lesions in bench/RESULTS.md). Liver is what it shows.
 """
 
 from munet_jax.config import base_config

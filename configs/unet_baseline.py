@@ -1,4 +1,9 @@
-"""The conventional U-Net of Fig. 1a on LiTS: the lits config with both mU-Net changes off."""
+"""The conventional U-Net of Fig. 1a on LiTS: the lits config with both mU-Net changes off.
+
+The encoder keeps residual learning (`model.residual_learning`, as in lits.py), so the
+baseline differs from mU-Net in its skip connections alone; set it False for the
+textbook U-Net without encoder residuals.
+"""
 
 import importlib.util
 import os

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from typing import Any, Sequence
 
@@ -116,6 +117,13 @@ def _field_type(c: ml_collections.ConfigDict, dotted: str):
   return ref.get_type()
 
 
+def _schema_value(schema: ml_collections.ConfigDict, dotted: str) -> Any:
+  *parents, leaf = dotted.split(".")
+  for p in parents:
+    schema = schema[p]
+  return schema[leaf]
+
+
 def _type_ok(value: Any, expected: type) -> bool:
   if value is None:
     return True
@@ -160,17 +168,20 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
   need(c.model.init_std > 0, "model.init_std", "must be positive")
   need(c.data.image_size >= 1, "data.image_size", "must be >= 1")
-  need(len(c.data.hu_window) == 2 and c.data.hu_window[0] < c.data.hu_window[1],
-       "data.hu_window", "must be (low, high) with low < high")
-  need(len(c.data.scaled_range) == 2 and c.data.scaled_range[0] < c.data.scaled_range[1],
-       "data.scaled_range", "must be (low, high) with low < high")
+  for key in ("hu_window", "scaled_range"):
+    pair = c.data[key]
+    need(len(pair) == 2 and all(_finite_number(v) for v in pair) and pair[0] < pair[1],
+         f"data.{key}", f"must be two numbers (low, high) with low < high, got {pair!r}")
   need(c.data.split in SPLIT_PRESETS, "data.split", f"must be one of {SPLIT_PRESETS}")
   need(c.data.sampling in SAMPLING, "data.sampling", f"must be one of {SAMPLING}")
   need(0.0 <= c.data.tumor_oversample < 1.0, "data.tumor_oversample", "must be in [0, 1)")
   need(c.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+  need(c.data.prefetch >= 0, "data.prefetch", "must be >= 0")
   need(c.train.steps >= 0, "train.steps", "must be >= 0")
   need(c.train.batch_size >= 1, "train.batch_size", "must be >= 1")
-  need(c.train.learning_rate > 0, "train.learning_rate", "must be positive")
+  need(0 < c.train.learning_rate < math.inf, "train.learning_rate", "must be positive and finite")
+  need(0 < c.train.lr_decay_rate <= 1, "train.lr_decay_rate", "must be in (0, 1]")
+  need(0 <= c.train.weight_decay < math.inf, "train.weight_decay", "must be >= 0 and finite")
   need(c.train.lr_decay_steps >= 1, "train.lr_decay_steps", "must be >= 1")
   need(c.train.loss in LOSSES, "train.loss", f"must be one of {LOSSES}")
   need(c.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
@@ -181,6 +192,12 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   need(c.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+  need(0 < c.eval.small_lesion_mm < math.inf, "eval.small_lesion_mm", "must be positive and finite")
+
+
+def _finite_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -247,7 +264,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
       node = node[p]
     if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
       raise UserError(f"config key '{dotted}' is unknown")
-    current = node[leaf]
+    # Parsed against the schema's value, so that an earlier (bad) override of the same
+    # key does not decide how this one is read.
+    current = _schema_value(schema, dotted)
     if current is None:
       expected = _field_type(schema, dotted)
       current = "" if expected is str else None

@@ -32,7 +32,7 @@ Definition (our reading of Eq. 7, whose typesetting the PDF lost; PAPER.md):
   networks: r_s is a signed residual, so min-max normalisation puts its zero (full
   cancellation) near mid-range, while x_s inside an organ often sits near the bottom of
   its own range. Compare objects (small against large) rather than reading the value
-  against 1 (bench/results_ablation.md).
+  against 1 (bench/RESULTS.md, the ablation).
 
 Slices whose sides are not a multiple of 2**(S-1) are edge-padded, as the model does
 itself; the mask is padded with background, and normalisation covers the padded map.
@@ -61,13 +61,13 @@ import functools
 import json
 import os
 import sys
-import tempfile
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from munet_jax.atomic import atomic_output
 from munet_jax.errors import UserError, run_cli
 
 SENTINEL = -0.5        # the paper's value for "no meaningful feature"
@@ -447,22 +447,8 @@ def summarize_rates(records: Sequence[dict], stages: int) -> dict:
 
 def _save_png(fig, path: str) -> None:
   """Writes a matplotlib figure as PNG atomically (temporary name, then rename)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-  except OSError as e:
-    raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png")
-    os.replace(tmp, path)
-  except BaseException as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    if isinstance(e, OSError):
-      raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
-    raise
+  with atomic_output(path, ".png") as tmp:
+    fig.savefig(tmp, format="png")
 
 
 GROUP_STYLE = {"small": ("#1f77b4", "small objects"), "large": ("#d62728", "large objects")}
@@ -825,8 +811,9 @@ def main(argv: Sequence[str]) -> int:
   args = _parse(argv)
   import matplotlib
   matplotlib.use("Agg")
-  from munet_jax.runtime import configure_jax
+  from munet_jax.runtime import configure_jax, configure_logging
   configure_jax()
+  configure_logging()
   document, paths = run(args)
   print(_format(document))
   print("wrote " + ", ".join(paths))

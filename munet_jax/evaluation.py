@@ -152,19 +152,25 @@ def format_table(document: dict) -> str:
   summary = document["summary"]
   columns = (("dsc", 100, "DSC %"), ("voe", 100, "VOE %"), ("rvd", 100, "RVD %"),
              ("assd", 1, "ASSD mm"), ("mssd", 1, "MSSD mm"))
-  rows = []
+  rows, fewer = [], []
   for target, title in (("liver", "liver"), ("tumor", "tumour")):
     cells = []
-    for metric, scale, _ in columns:
+    n = summary[target]["dsc"]["n"]   # DSC is finite for every volume
+    for metric, scale, header in columns:
       s = summary[target][metric]
       cells.append("-" if s["mean"] is None else
                    f"{s['mean'] * scale:.2f} ± {s['std'] * scale:.2f}")
-    rows.append((title, cells, summary[target]["dsc"]["n"]))
+      if s["n"] < n:
+        fewer.append(f"{title} {header.split()[0]} over {s['n']} of {n}")
+    rows.append((title, cells, n))
   width = max([16] + [len(c) + 2 for _, cells, _ in rows for c in cells])
   head = f"{'':8s}" + "".join(f"{h:>{width}s}" for _, _, h in columns) + f"{'n':>5s}"
   lines = [head, "-" * len(head)]
   for title, cells, n in rows:
     lines.append(f"{title:8s}" + "".join(f"{c:>{width}s}" for c in cells) + f"{n:>5d}")
+  if fewer:
+    lines.append("infinite or undefined values left out (an empty reference or prediction): "
+                 + ", ".join(fewer) + " volumes")
   g = document.get("global_dice")
   if g:
     lines.append(f"global Dice: liver {_percent(g['liver'])} %, tumour {_percent(g['tumor'])} %")

@@ -8,6 +8,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 REAL_CT = os.path.join(SHARED, "data", "real_ct")
+# The real CT ships beside the project (../shared), not inside it: tests that read it are
+# skipped, with this reason, in a checkout that has no such folder beside it.
+needs_real_ct = pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_CT, "liver_mask_a.nii.gz")),
+                                   reason=f"real CT not found at {REAL_CT}")
 
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)

@@ -11,11 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import REAL_CT, needs_real_ct
 from munet_jax.data import nifti
 from munet_jax.errors import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL_CT = os.path.join(os.path.dirname(ROOT), "shared", "data", "real_ct")
 CT = os.path.join(REAL_CT, "ct_abdomen_3mm.nii.gz")
 sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
 
@@ -67,6 +67,7 @@ def _grid(path):
           img.header.get_sform(coded=True))
 
 
+@needs_real_ct
 def test_predict_on_the_real_ct_writes_labels_on_its_exact_grid(run, tmp_path):
   workdir, _ = run
   out = tmp_path / "pred" / "abdomen.nii.gz"
@@ -86,6 +87,7 @@ def test_predict_on_the_real_ct_writes_labels_on_its_exact_grid(run, tmp_path):
 
 
 @pytest.mark.slow
+@needs_real_ct
 def test_predict_then_eval_pred_ref_chain(run, tmp_path):
   workdir, _ = run
   pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
@@ -110,6 +112,7 @@ def test_predict_then_eval_pred_ref_chain(run, tmp_path):
   assert document["summary"]["liver"]["dsc"]["n"] == 1
 
 
+@needs_real_ct
 def test_predict_on_a_folder_handles_orientation_and_names(run, tmp_path, capsys):
   workdir, _ = run
   ct = nib.load(CT)

@@ -66,11 +66,26 @@ def test_integer_override_of_a_float_field_is_accepted():
     ("model.dtype=float16", "model.dtype"),
     ("train.batch_size=0", "train.batch_size"),
     ("data.hu_window=(250,-250)", "data.hu_window"),
+    ("data.hu_window=('a','b')", "data.hu_window"),
+    ("data.hu_window=(-250,)", "data.hu_window"),
+    ("data.scaled_range=(True,2)", "data.scaled_range"),
+    ("data.hu_window=(-inf,250)", "data.hu_window"),
+    ("train.learning_rate=1e400", "train.learning_rate"),
+    ("train.lr_decay_rate=-0.9", "train.lr_decay_rate"),
+    ("train.weight_decay=-0.003", "train.weight_decay"),
+    ("data.prefetch=-1", "data.prefetch"),
+    ("eval.small_lesion_mm=-3", "eval.small_lesion_mm"),
     ("model=3", "model"),
 ])
 def test_bad_override_is_a_user_error_naming_the_key(override, key):
   with pytest.raises(UserError, match=f"'{key}'"):
     apply_overrides(base_config(), [override])
+
+
+def test_a_later_override_of_a_key_is_read_by_the_schemas_type():
+  # The first (bad) value must not decide how the second is parsed.
+  c = apply_overrides(base_config(), ["train.steps=abc", "train.steps=7"])
+  assert c.train.steps == 7
 
 
 def test_unknown_key_in_a_config_file_is_named(tmp_path):

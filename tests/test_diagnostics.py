@@ -331,6 +331,12 @@ def test_cli_writes_json_and_pictures(tmp_path):
   assert np.all((rates == SENTINEL) | np.isclose(rates, 1.0, rtol=1e-5))
   for name in ("permeation.png", "skip_features.png"):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # Written with the permissions of any new file (the umask's), like the JSON beside them,
+  # not the owner-only mode of a temporary file.
+  modes = {n: os.stat(out / n).st_mode & 0o777
+           for n in ("permeation.json", "permeation.png", "skip_features.png")}
+  assert len(set(modes.values())) == 1, modes
+  assert proc.stderr.count("WARNING") == 0, proc.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -1,20 +1,17 @@
 """Scoring, results.json, global Dice, the printed table, label-file pairing, overlays."""
 
 import json
-import math
 import os
 import shutil
 
-import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import REAL_CT, needs_real_ct
 from munet_jax import evaluation, overlays
 from munet_jax.data import nifti
 from munet_jax.errors import UserError
 
-REAL_CT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "shared", "data", "real_ct")
 
 
 def _labels(shape=(20, 20, 6)):
@@ -130,6 +127,25 @@ def test_format_table_prints_percent_and_mm_rows_and_detection():
   assert small.split() == ["small", "0", "0", "-", "-", "-"]
 
 
+def test_format_table_says_which_means_leave_volumes_out():
+  ref_a, pred_a = _labels(), _labels()
+  ref_a[2:10, 2:10, 1:4] = 1
+  pred_a[2:10, 2:10, 1:4] = 1
+  ref_a[3:5, 3:5, 2] = 2                       # a tumour the prediction misses: distances inf
+  ref_b, pred_b = ref_a.copy(), pred_a.copy()
+  pred_b[3:5, 3:5, 2] = 2                      # found here: finite distances
+  document = evaluation.results([_case("a", pred_a, ref_a), _case("b", pred_b, ref_b)])
+  assert document["summary"]["tumor"]["assd"]["n"] == 1
+  lines = evaluation.format_table(document).splitlines()
+  assert next(line for line in lines if line.startswith("tumour")).split()[-1] == "2"
+  note = next(line for line in lines if line.startswith("infinite or undefined"))
+  assert "tumour ASSD over 1 of 2" in note and "tumour MSSD over 1 of 2" in note
+  assert "liver" not in note
+  # Every value defined: no such line.
+  complete = evaluation.results([_case("b", pred_b, ref_b)])
+  assert "infinite or undefined" not in evaluation.format_table(complete)
+
+
 def test_write_json_is_atomic_and_keeps_the_old_file_on_failure(tmp_path):
   path = tmp_path / "eval" / "results.json"
   evaluation.write_json(str(path), {"a": 1})
@@ -200,6 +216,7 @@ def test_prediction_on_another_grid_is_an_error(tmp_path):
   assert not (tmp_path / "out.json").exists()
 
 
+@needs_real_ct
 def test_evaluate_folders_on_the_real_liver_masks_agrees_with_medpy(tmp_path):
   os.makedirs(tmp_path / "p")
   os.makedirs(tmp_path / "r")

@@ -1,6 +1,5 @@
 """Volume inference: shapes, batching, device placement, post-processing, predict.py's paths."""
 
-import json
 import os
 import subprocess
 import sys

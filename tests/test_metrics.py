@@ -15,13 +15,11 @@ import pytest
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
+from conftest import REAL_CT as REAL, needs_real_ct as needs_real
 from munet_jax import metrics
 from munet_jax.errors import UserError
 from munet_jax.metrics import segmentation_metrics
 
-REAL = "/work/shared/data/real_ct"
-needs_real = pytest.mark.skipif(not os.path.exists(os.path.join(REAL, "liver_mask_a.nii.gz")),
-                                reason="real CT masks not available")
 KEYS = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")
 SHAPES_2D = ((24, 32), (32, 20), (13, 29))
 SHAPES_3D = ((16, 16, 16), (20, 12, 28), (30, 9, 14), (8, 24, 10))

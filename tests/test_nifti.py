@@ -6,13 +6,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import REAL_CT as REAL, needs_real_ct
 from munet_jax.data import nifti
 from munet_jax.errors import UserError
 
-REAL = "/work/shared/data/real_ct"
 REAL_CT = os.path.join(REAL, "ct_abdomen_3mm.nii.gz")
 REAL_MASK = os.path.join(REAL, "liver_mask_a.nii.gz")
-needs_real = pytest.mark.skipif(not os.path.exists(REAL_CT), reason="real CT not available")
+needs_real = needs_real_ct
 
 
 def _save(path, data, affine=None):

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REAL_CT
+from conftest import REAL_CT, needs_real_ct
 from munet_jax.data import discovery, nifti, store, synthetic
 from munet_jax.errors import UserError
 
@@ -185,6 +185,7 @@ def test_skip_bad_leaves_the_case_out_and_remembers_it(tmp_path, monkeypatch):
   assert again.names == ["volume-0"] and again.skipped == s.skipped
 
 
+@needs_real_ct
 def test_real_ct_through_the_store(tmp_path):
   root = tmp_path / "real"
   root.mkdir()
