@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The bad-input table of bench/results_rel.md, from what the reliability suite observed.
+"""The bad-input table of bench/RESULTS.md, from what the reliability suite observed.
 
   pytest tests/reliability/test_bad_inputs.py
   python bench/bad_inputs_table.py /tmp/pytest-of-$USER/pytest-N/reliability-bad-inputs

@@ -10,7 +10,7 @@ it bitwise with the intact checkpoint. Prints one table row per file and damage:
 same' (the file is not read on restore), or 'restores, DIFFERENT' (silent corruption:
 must never happen). Exit status 1 if any row is DIFFERENT.
 
-Used for the checkpoint rows of bench/results_rel.md, on the run the reliability suite
+Used for the checkpoint rows of bench/RESULTS.md, on the run the reliability suite
 trains (tests/reliability, `reference_run`).
 """
 
