@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from munet_jax.config import base_config
+from munet_jax.errors import UserError
 from munet_jax.training import losses, parallel
 from munet_jax.training.checkpointing import Checkpointer, load_variables
 from munet_jax.training.optimizer import create_optimizer, learning_rate_schedule
@@ -201,6 +202,31 @@ def test_load_returns_the_config_and_variables(tmp_path, tiny_state):
   assert step == 3 and tuple(config.model.features) == (4, 8)
   np.testing.assert_array_equal(variables["params"]["output"]["kernel"],
                                 state.params["output"]["kernel"])
+
+
+def test_load_which_best_without_metrics_warns_and_names_the_step(tmp_path, tiny_state, caplog):
+  c, state = tiny_state
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save(2, state, {}, c)
+  ckpt.save(4, state, {}, c)
+  ckpt.close()
+  with caplog.at_level("WARNING"):
+    _, _, step = load_variables(str(tmp_path), "best")
+  assert step == 4
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "using the newest (step 4)" in warnings[0], warnings
+  with pytest.raises(UserError, match="which must be one of"):
+    load_variables(str(tmp_path), "newest")
+
+
+def test_reading_a_run_logs_nothing(tmp_path, tiny_state, caplog):
+  c, state = tiny_state
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save(1, state, {}, c, metrics={"liver_dsc": 0.5})
+  ckpt.close()
+  with caplog.at_level("INFO"):
+    load_variables(str(tmp_path), "best")
+  assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
 
 
 @pytest.mark.slow

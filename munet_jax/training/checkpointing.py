@@ -32,6 +32,9 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+WHICH = ("latest", "best")
+
+
 class Checkpointer:
   """The checkpoints of one training run, in `workdir/checkpoints/<step>`."""
 
@@ -42,12 +45,21 @@ class Checkpointer:
         policies.BestN(get_metric_fn=lambda m: m.get(BEST_METRIC, float("-inf")),
                        reverse=False, n=1, keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=True, preservation_policy=preserve,
-        create=not read_only, read_only=read_only)
-    self.directory = checkpoint_dir(workdir)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "config", "metrics"))
+    # Orbax logs two WARNINGs through absl for every read-only manager ("read only ...");
+    # reading a run is routine, so they are held back while it is made.
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    if read_only:
+      absl_log.setLevel(logging.ERROR)
+    try:
+      options = ocp.CheckpointManagerOptions(
+          enable_async_checkpointing=True, preservation_policy=preserve,
+          create=not read_only, read_only=read_only)
+      self.directory = checkpoint_dir(workdir)
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_names=("state", "data", "config", "metrics"))
+    finally:
+      absl_log.setLevel(level)
 
   def save(self, step: int, state: Any, data_state: dict, config: ml_collections.ConfigDict,
            metrics: dict | None = None) -> bool:
@@ -165,6 +177,8 @@ def load_variables(workdir: str, which: str = "latest"
   checkpoint falls back to an older one with a one-line warning; a missing or wholly
   damaged run is a `UserError` naming the folder, and then the error is the only line.
   """
+  if which not in WHICH:
+    raise UserError(f"which must be one of {WHICH}, got {which!r}")
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise UserError(f"{workdir}: no checkpoints folder (train first, or check --workdir)")
@@ -180,6 +194,9 @@ def load_variables(workdir: str, which: str = "latest"
       if best is not None:
         order.remove(best)
         order.insert(0, best)
+      elif which == "best":
+        log.warning("%s: no checkpoint has a validation liver DSC to rank it; using the "
+                    "newest (step %d) instead of the best", directory, order[0])
       for step in order:
         try:
           restored = ckpt.manager.restore(step, args=ocp.args.Composite(
