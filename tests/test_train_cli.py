@@ -12,33 +12,10 @@ import sys
 import numpy as np
 import pytest
 
+from reliability.harness import write_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
-
-CONFIG = """
-from munet_jax.config import base_config
-
-def get_config():
-  c = base_config()
-  c.data.root = {root!r}
-  c.data.synthetic.cases = 3
-  c.data.synthetic.size = 32
-  c.data.synthetic.slices = 6
-  c.data.image_size = 32
-  c.data.split = "custom"
-  c.data.num_train, c.data.num_val, c.data.num_test = 2, 1, 0
-  c.data.num_workers = 0
-  c.model.features = (4, 8)
-  c.train.batch_size = 3
-  c.train.steps = {steps}
-  c.train.learning_rate = 1e-3
-  c.train.log_every_steps = 2
-  c.train.eval_every_steps = 1000
-  c.train.final_eval_split = "val"
-  c.checkpoint.every_steps = 2
-  c.checkpoint.keep = 2
-  return c
-"""
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +28,8 @@ def data_root(tmp_path_factory):
 
 
 def _config(tmp_path, data_root, steps=8):
-  path = tmp_path / f"config_{steps}.py"
-  path.write_text(CONFIG.format(root=data_root, steps=steps))
-  return str(path)
+  """The reliability suite's tiny config (mU-Net widths 4/8, 32x32 slices, batch 3)."""
+  return write_config(tmp_path, data_root, steps=steps, name=f"config_{steps}.py")
 
 
 def _train(config, workdir, *extra, **popen):

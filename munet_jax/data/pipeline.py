@@ -33,7 +33,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import signal
+import threading
+import time
 import weakref
 from typing import Any
 
@@ -74,9 +77,6 @@ def _exit_with_parent(interval: float = 0.5) -> None:
   and the trainer's stdout and stderr. A daemon thread watches the parent's pid: when
   it changes, the parent is gone, and the worker goes too.
   """
-  import os
-  import threading
-  import time
   parent = os.getppid()
 
   def watch():

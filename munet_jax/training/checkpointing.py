@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -108,20 +108,15 @@ class Checkpointer:
     from the one the checkpoints were saved with, the error names the differing key.
     """
     steps = self.steps()
-    damaged = []
     with _orbax_quiet():
-      for step in reversed(steps):
-        try:
-          state, data = self.restore(step, target_state)
-        except Exception as e:  # a truncated or half-deleted checkpoint
-          _drop_late_restore_errors()
-          damaged.append((step, e))
-          continue
+      step, restored, damaged = _first_that_restores(
+          reversed(steps), lambda s: self.restore(s, target_state))
+      if step is not None:
         for bad_step, error in damaged:
           _warn_damaged(self.directory, bad_step, error, "setting it aside as "
                         f"{bad_step}{DAMAGED_SUFFIX} and resuming from step {step}")
         self._set_aside([s for s, _ in damaged])
-        return step, state, data
+        return (step, *restored)
     if steps:
       if config is not None:
         self._check_same_model(steps[-1], config)
@@ -182,7 +177,6 @@ def load_variables(workdir: str, which: str = "latest"
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise UserError(f"{workdir}: no checkpoints folder (train first, or check --workdir)")
-  damaged = []
   with _orbax_quiet():
     ckpt = Checkpointer(workdir, read_only=True)
     try:
@@ -197,22 +191,18 @@ def load_variables(workdir: str, which: str = "latest"
       elif which == "best":
         log.warning("%s: no checkpoint has a validation liver DSC to rank it; using the "
                     "newest (step %d) instead of the best", directory, order[0])
-      for step in order:
-        try:
-          restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
-          config = config_from_dict(restored.config)
-        except UserError:
-          raise
-        except Exception as e:
-          _drop_late_restore_errors()
-          damaged.append((step, e))
-          continue
-        for bad_step, error in damaged:
-          _warn_damaged(directory, bad_step, error, f"using step {step}")
-        state = restored.state
-        return config, {"params": state["params"], "batch_stats": state["batch_stats"]}, step
-      raise UserError(_none_restores(directory, damaged))
+      def restore(step):
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+        return config_from_dict(restored.config), restored.state
+
+      step, restored, damaged = _first_that_restores(order, restore)
+      if step is None:
+        raise UserError(_none_restores(directory, damaged))
+      for bad_step, error in damaged:
+        _warn_damaged(directory, bad_step, error, f"using step {step}")
+      config, state = restored
+      return config, {"params": state["params"], "batch_stats": state["batch_stats"]}, step
     finally:
       ckpt.close()
 
@@ -241,6 +231,25 @@ def _orbax_quiet():
 
 _restore_failed = False
 _filters_installed = False
+
+
+def _first_that_restores(steps, restore: Callable[[int], Any]):
+  """(step, restore(step), damaged) for the first of `steps` whose restore succeeds.
+
+  `damaged` lists (step, error) of those tried before it that failed (a truncated or
+  half-deleted checkpoint); step and result are None when none restores. A UserError
+  (a config that does not validate) is not damage and propagates.
+  """
+  damaged = []
+  for step in steps:
+    try:
+      return step, restore(step), damaged
+    except UserError:
+      raise
+    except Exception as e:
+      _drop_late_restore_errors()
+      damaged.append((step, e))
+  return None, None, damaged
 
 
 def _drop_late_restore_errors() -> None:
