@@ -192,7 +192,7 @@ def saved_state(workdir, step: int | None = None):
   """
   import jax
   import orbax.checkpoint as ocp
-  from munet_jax.training.checkpointing import Checkpointer
+  from munet_jax.checkpoints import Checkpointer
   ckpt = Checkpointer(str(workdir), read_only=True)
   try:
     step = max(ckpt.steps()) if step is None else step
