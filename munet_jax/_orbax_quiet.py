@@ -45,7 +45,7 @@ def quiet_restores():
 
 
 def drop_late_restore_errors() -> None:
-  """After a failed restore: its late reports stay off stderr, for good."""
+  """After a failed restore or save: its late reports stay off stderr, for good."""
   global _restore_failed
   _restore_failed = True
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -94,7 +94,12 @@ _SAVE_FILTER = _DropOrbaxErrors()
 
 
 def quiet_saves() -> None:
-  """Installs the save-error filter on the loggers Orbax uses (idempotent)."""
+  """Installs the save-error filters (idempotent).
+
+  Before the first save, as for restores: the late callbacks of a failed write can
+  report before the failure reaches the waiting thread.
+  """
+  _filter_late_restore_errors()
   for name in ("absl", "orbax", "asyncio"):
     logger = logging.getLogger(name)
     if _SAVE_FILTER not in logger.filters:

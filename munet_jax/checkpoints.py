@@ -286,6 +286,7 @@ class _DiskErrors:
     ckpt = self.ckpt
     if error is None or not isinstance(error, Exception) or not is_disk_error(error):
       return False
+    _orbax_quiet.drop_late_restore_errors()   # a failed save's late callbacks, likewise
     failed, ckpt._pending = ckpt._pending, None
     complete = _listed_steps(ckpt.directory)
     if failed is None or failed in complete:   # the previous save is whole: this one failed

@@ -53,6 +53,8 @@ def initialize_distributed(args) -> None:
     local = None
     if args.local_devices:
       local = [int(d) for d in args.local_devices.split(",")]
+    # CPU processes need a collectives library of their own (GPUs and TPUs ignore this).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                local_device_ids=local)
   elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:

@@ -294,3 +294,60 @@ def hidden_files(folder) -> list[str]:
   if not os.path.isdir(folder):
     return []
   return sorted(n for n in os.listdir(folder) if n.startswith("."))
+
+
+# ------------------------------------------------------------------- small file systems
+
+
+class SmallFileSystem:
+  """A tmpfs of a chosen size mounted at a folder: a real full disk for the tools.
+
+  Needs root with the right to mount (as in this project's containers); `mount` raises
+  pytest's skip otherwise, naming why.
+  """
+
+  def __init__(self, folder, size: str):
+    self.folder, self.size = str(folder), size
+
+  def mount(self):
+    import pytest
+    os.makedirs(self.folder, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs",
+                           self.folder], capture_output=True, text=True)
+    if done.returncode != 0:
+      pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'not root'})")
+    return self
+
+  def remount(self, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", self.folder], check=True)
+
+  def fill(self, leave_bytes: int = 0) -> None:
+    """Fills the file system with one file, leaving about `leave_bytes` free."""
+    stat = os.statvfs(self.folder)
+    free = stat.f_bavail * stat.f_frsize - leave_bytes
+    with open(os.path.join(self.folder, "filler"), "wb") as f:
+      f.truncate(0)
+      if free > 0:
+        f.write(b"\0" * free)
+
+  def unmount(self) -> None:
+    subprocess.run(["umount", "-l", self.folder], capture_output=True)
+
+  def __enter__(self):
+    return self.mount()
+
+  def __exit__(self, *exc):
+    self.unmount()
+    return False
+
+
+def assert_one_message(result, *needles: str) -> str:
+  """Like `assert_one_error_line` for a tool that failed after its progress bars started."""
+  lines = stderr_lines(result.stderr)
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert lines[0].startswith("error: "), lines[0]
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+  return lines[0]
