@@ -196,13 +196,14 @@ def saved_state(workdir, step: int | None = None):
   ckpt = Checkpointer(str(workdir), read_only=True)
   try:
     step = max(ckpt.steps()) if step is None else step
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+    _, state = ckpt.restore_for_inference(step)   # on this process's devices, any count
+    data = ckpt.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
   finally:
     ckpt.close()
-  paths_leaves = jax.tree_util.tree_flatten_with_path(restored.state)[0]
-  leaves = [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in paths_leaves]
-  return step, leaves, restored.data
+  paths_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  leaves = [("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p), np.asarray(x))
+            for p, x in paths_leaves]
+  return step, leaves, data
 
 
 def assert_same_state(workdir, reference_workdir) -> None:

@@ -64,7 +64,7 @@ def test_a_checkpoint_is_read_on_another_device_count(tmp_path, tiny_config, dat
     assert np.asarray(leaf).tobytes() == saved[key].tobytes(), key
 
   # predict.py on another device count: the labels of one-device inference.
-  image = os.path.join(data_root, "volume-3.nii.gz")
+  image = os.path.join(data_root, "volume-1.nii.gz")
   out = tmp_path / "labels.nii.gz"
   predicted = harness.run("predict", "--workdir", workdir, "--input", image, "--output", out,
                           **_devices(read_on))
