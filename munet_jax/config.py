@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"                                # compute dtype; params float32
   c.model.init_std = 0.05                                  # truncated normal, section II.E
   c.model.bias_init = 0.1
+  c.model.remat = False                                    # recompute encoder stages in backward
 
   c.data = ml_collections.ConfigDict()
   c.data.root = "data/lits"

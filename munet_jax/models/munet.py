@@ -187,7 +187,7 @@ class EncoderStage(nn.Module):
   block: functools.partial
 
   @nn.compact
-  def __call__(self, x, *, train: bool, mask=None):
+  def __call__(self, x, train: bool, mask=None):
     y = self.block(self.features)(x, train=train, mask=mask)
     y = self.block(self.features)(y, train=train, mask=mask)
     if not self.residual:
@@ -273,6 +273,9 @@ class MUNet(nn.Module):
   # by reshape (max_pool_2x2), which XLA's CPU backend differentiates much faster. False:
   # lax.conv_transpose and nn.max_pool. Same parameters and function either way (tested).
   reformulated: bool = True
+  # Rematerialisation: the encoder stages keep only their inputs for the backward pass and
+  # recompute the rest (less memory, about one more encoder forward per step).
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, sample_mask=None):
@@ -299,10 +302,12 @@ class MUNet(nn.Module):
     block = functools.partial(ConvBlock, dropout_rate=self.dropout_rate,
                               bn_momentum=self.bn_momentum, init_std=self.init_std,
                               bias_init=self.bias_init, dtype=self.dtype)
+    # `train` (argument 2, counting the module) decides the graph, so it stays static.
+    encoder = nn.remat(EncoderStage, static_argnums=(2,)) if self.remat else EncoderStage
     skips = []
     for s, width in enumerate(self.features):
-      x = EncoderStage(width, self.residual_learning, block, name=f"encoder_{s + 1}")(
-          x, train=train, mask=mask)
+      x = encoder(width, self.residual_learning, block, name=f"encoder_{s + 1}")(
+          x, train, mask)
       if s == len(self.features) - 1:
         break
       pooled = (max_pool_2x2(x) if self.reformulated
@@ -331,4 +336,4 @@ def from_config(config) -> MUNet:
                dropout_rate=m.dropout_rate, bn_momentum=m.bn_momentum,
                odu_residual=m.odu_residual, skip_conv=m.skip_conv,
                residual_learning=m.residual_learning, init_std=m.init_std,
-               bias_init=m.bias_init, dtype=jnp.dtype(m.dtype))
+               bias_init=m.bias_init, dtype=jnp.dtype(m.dtype), remat=m.remat)
