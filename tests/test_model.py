@@ -314,6 +314,13 @@ def test_remat_keeps_the_parameters_and_gives_the_same_gradients():
       return jnp.sum(out[:2] ** 2)
     return jax.jit(jax.grad(loss))(variables["params"])
 
-  # Recomputing runs the same operations on the same inputs (dropout keys included):
-  # on the CPU the gradients are bitwise those of the stored activations.
-  assert _trees_equal(grads(remat), grads(plain))
+  # Recomputing runs the same operations on the same inputs (dropout keys included), but
+  # XLA may fuse and order the float32 sums differently: each sum here has at most
+  # m = 3 * 16 * 16 terms, and two orders differ by at most 2 m u (u = 2^-24, ~9e-5) of
+  # the sum of |terms|. 1e-4 of the largest gradient; a miswired stage is off by O(1).
+  fast, ref = (traverse_util.flatten_dict(grads(m)) for m in (remat, plain))
+  assert fast.keys() == ref.keys()
+  scale = max(float(jnp.abs(v).max()) for v in ref.values())
+  for path, value in ref.items():
+    np.testing.assert_allclose(fast[path], value, rtol=0, atol=1e-4 * scale,
+                               err_msg="/".join(path))

@@ -230,8 +230,10 @@ class SkipConnection(nn.Module):
     self.sow("intermediates", "before_residual", x)
     r = x
     if self.odu_residual:
+      # The 3x3 sub-pixel form multiplies 7 of 16 taps by zero: it pays for the weight
+      # gradient in training, not in inference, where the plain forward is cheaper.
       r = ObjectDependentUpsampling(self.block.keywords["init_std"], self.block.keywords["bias_init"],
-                                    self.block.keywords["dtype"], self.subpixel,
+                                    self.block.keywords["dtype"], self.subpixel and train,
                                     name="odu")(x, pooled)
     self.sow("intermediates", "after_residual", r)
     if self.skip_conv:
