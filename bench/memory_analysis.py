@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from munet_jax.config import base_config  # noqa: E402
 from munet_jax.runtime import configure_jax  # noqa: E402
-from munet_jax.training import parallel  # noqa: E402
+from munet_jax import sharding  # noqa: E402
 from munet_jax.training.state import create_train_state, make_train_step  # noqa: E402
 
 GIB = 2 ** 30
@@ -39,12 +39,12 @@ def analyse(features, size, batch, dtype, devices, remat):
   c.model.dtype = dtype
   c.model.remat = remat
   c.train.batch_size = batch
-  mesh = parallel.make_mesh(jax.devices()[:devices])
-  padded = parallel.padded_batch_size(batch, devices)
+  mesh = sharding.make_mesh(jax.devices()[:devices])
+  padded = sharding.padded_batch_size(batch, devices)
   state = jax.eval_shape(lambda: create_train_state(c, jax.random.key(0)))
-  rep = parallel.replicated(mesh)
+  rep = sharding.replicated(mesh)
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
-  shard = parallel.batch_sharding(mesh)
+  shard = sharding.batch_sharding(mesh)
   data = dict(image=jax.ShapeDtypeStruct((padded, size, size, 1), np.int16, sharding=shard),
               label=jax.ShapeDtypeStruct((padded, size, size), np.int32, sharding=shard),
               mask=jax.ShapeDtypeStruct((padded,), np.bool_, sharding=shard))
@@ -73,7 +73,7 @@ def main():
       m = analyse(features, args.size, args.batch, dtype, n, args.remat)
       total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                - m.alias_size_in_bytes)
-      rows = parallel.padded_batch_size(args.batch, n) // n
+      rows = sharding.padded_batch_size(args.batch, n) // n
       print(f"| {dtype} | {n} | {rows} | {m.argument_size_in_bytes / GIB:.2f} | "
             f"{m.output_size_in_bytes / GIB:.2f} | {m.temp_size_in_bytes / GIB:.2f} | "
             f"{m.alias_size_in_bytes / GIB:.2f} | {total / GIB:.2f} |", flush=True)
