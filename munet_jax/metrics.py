@@ -63,9 +63,11 @@ import numpy as np
 
 from munet_jax.errors import UserError
 
-__all__ = ["METRIC_NAMES", "MetricsArgumentError", "segmentation_metrics", "surface"]
+__all__ = ["DEFAULT_NSD_TOLERANCE", "METRIC_NAMES", "MetricsArgumentError",
+           "segmentation_metrics", "surface"]
 
-METRIC_NAMES = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")  # the result's keys, in order
+METRIC_NAMES = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd", "hd95", "nsd")  # keys, in order
+DEFAULT_NSD_TOLERANCE = 2.0   # mm: about two in-plane voxels of abdominal CT (0.6-1 mm)
 
 _MIN_BUCKET = 32           # the smallest padded length of a box axis
 _CHUNK_VOXELS = 1 << 18    # per direction: 1 MiB of float32, about a CPU core's cache
@@ -76,6 +78,8 @@ _FIRST_RADIUS = 6.0        # voxels: most surface distances of a fair segmentati
 _RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exceeds it
 _SPARSE_FRACTION = 64      # pass 3 gathers at the targets when under 1/64 of a chunk
 _GATHER_CHUNK = 1 << 20    # ... of at least this many voxels (both directions)
+_LIST_ALL = 1 << 21        # boxes up to this many voxels list every voxel's distance ...
+_LIST_FRACTION = 16        # ... bigger ones 1/16 of them, unless the surfaces need more
 _REF, _PRED = 1, 2         # bits of the packed box
 
 # Number of times the kernel has been traced (compiled), per bucketed shape; tests read it.
@@ -89,46 +93,61 @@ class MetricsArgumentError(UserError, ValueError):
 # ----------------------------------------------------------------------------- host side
 
 
-def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict[str, float]:
-  """Overlap and surface-distance metrics of `pred` against `ref` (SPEC.md, "Metrics").
+def segmentation_metrics(pred, ref, spacing: Sequence[float],
+                         nsd_tolerance: float = DEFAULT_NSD_TOLERANCE) -> dict[str, float]:
+  """Overlap and surface-distance metrics of `pred` against `ref`.
 
   Args:
     pred: (X, Y) or (X, Y, Z) boolean array (numpy or jax; integer arrays count nonzero
       as True), the segmentation B.
     ref: boolean array of the same shape, the reference A.
     spacing: one positive voxel size per axis, in the arrays' axis order (e.g. mm).
+    nsd_tolerance: the tolerance tau of the normalised surface Dice, in the units of
+      `spacing` (non-negative).
 
   Returns:
-    {"dsc", "voe", "rvd"} as fractions and {"assd", "mssd", "rmsd"} in the units of
-    `spacing`, all Python floats. Surfaces are the voxels with a face neighbour outside
-    the object (the array's edge counts as outside); distances are exact Euclidean.
-    Both empty: dsc 1, voe 0, rvd 0, distances 0. One empty: dsc 0, voe 1, rvd -1 (pred
-    empty) or +inf (ref empty), distances +inf.
+    {"dsc", "voe", "rvd"} as fractions, {"assd", "mssd", "rmsd", "hd95"} in the units of
+    `spacing` and {"nsd"} as a fraction, all Python floats (keys in `METRIC_NAMES`'
+    order). Surfaces are the voxels with a face neighbour outside the object (the
+    array's edge counts as outside); distances are exact Euclidean, from each surface
+    voxel of one object to the nearest surface voxel of the other, both directions
+    pooled: hd95 is their 95th percentile (numpy's linear interpolation, as medpy's
+    `hd95`), nsd the fraction of them at most `nsd_tolerance`.
+    Both empty: dsc 1, voe 0, rvd 0, distances 0, nsd 1. One empty: dsc 0, voe 1, rvd -1
+    (pred empty) or +inf (ref empty), distances +inf, nsd 0.
 
   Raises:
     MetricsArgumentError (a ValueError): shapes differ, not 2-D or 3-D, not boolean or
-      integer, or `spacing` is not one positive finite number per axis.
+      integer, `spacing` is not one positive finite number per axis, or `nsd_tolerance`
+      is not a non-negative finite number.
   """
   pred, ref, spacing = _check_arguments(pred, ref, spacing)
+  tolerance = _check_tolerance(nsd_tolerance)
   box_ref, box_pred = _bounding_box(ref), _bounding_box(pred)
   if box_ref is None and box_pred is None:
-    return dict(dsc=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0)
+    return dict(dsc=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0, hd95=0.0, nsd=1.0)
   if box_ref is None or box_pred is None:
     inf = math.inf
     return dict(dsc=0.0, voe=1.0, rvd=-1.0 if box_pred is None else inf,
-                assd=inf, mssd=inf, rmsd=inf)
+                assd=inf, mssd=inf, rmsd=inf, hd95=inf, nsd=0.0)
   box = tuple(slice(min(r.start, p.start), max(r.stop, p.stop))
               for r, p in zip(box_ref, box_pred))
   packed, spacing3, sizes, planes = _pack(ref[box], pred[box], spacing)
   gather = 2 * planes * packed[0].size >= _GATHER_CHUNK
-  with jax.enable_x64(True):   # float64 sums; this thread only, this call only
-    out = _kernel(jnp.asarray(packed), jnp.asarray(spacing3, jnp.float64),
-                  jnp.asarray(sizes, jnp.int32), planes=planes, flat=pred.ndim == 2,
-                  gather=gather)
-    out = jax.device_get(out)
-  volumes, n_surf, sum_d, sum_d2, max_d2 = out
+  capacity = _list_capacity(packed.shape)
+  while True:
+    with jax.enable_x64(True):   # float64 sums; this thread only, this call only
+      out = _kernel(jnp.asarray(packed), jnp.asarray(spacing3, jnp.float64),
+                    jnp.asarray(sizes, jnp.int32), planes=planes, flat=pred.ndim == 2,
+                    gather=gather, capacity=capacity)
+      out = jax.device_get(out)
+    volumes, n_surf, sum_d, sum_d2, max_d2, listed = out
+    n_surf = int(n_surf[0]) + int(n_surf[1])
+    if n_surf <= capacity:
+      break
+    capacity = _list_capacity(packed.shape, every=True)
   n_ref, n_pred, n_both = (int(v) for v in volumes)
-  n_surf = int(n_surf[0]) + int(n_surf[1])
+  d = np.sqrt(listed[:n_surf].astype(np.float64))
   return dict(
       dsc=2.0 * n_both / (n_ref + n_pred),
       voe=1.0 - n_both / (n_ref + n_pred - n_both),
@@ -136,6 +155,8 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict[str, float
       assd=float(sum_d[0] + sum_d[1]) / n_surf,
       mssd=math.sqrt(float(max(max_d2[0], max_d2[1]))),
       rmsd=math.sqrt(float(sum_d2[0] + sum_d2[1]) / n_surf),
+      hd95=float(np.percentile(d, 95)),
+      nsd=int(np.count_nonzero(d <= tolerance)) / n_surf,
   )
 
 
@@ -195,6 +216,30 @@ def _check_arguments(pred, ref, spacing):
     raise MetricsArgumentError(
         f"segmentation_metrics: spacing must be positive and finite, got {spacing!r}")
   return pred, ref, tuple(float(v) for v in values)
+
+
+def _list_capacity(shape: tuple[int, int, int], every: bool = False) -> int:
+  """Room for the surface voxels' distances in the kernel's list, for a packed shape.
+
+  Every voxel of the box could be a surface voxel of both objects; small boxes get that
+  room (so one compilation per shape). Big ones get 1/16 of the box (an organ's two
+  surfaces are a few percent of its box; 1/4 byte a voxel), and all of it (`every`, a
+  second compilation) only for a case whose surfaces need more.
+  """
+  voxels = (shape[0] - 2) * shape[1] * shape[2]
+  return 2 * voxels if every or voxels <= _LIST_ALL else voxels // _LIST_FRACTION
+
+
+def _check_tolerance(tolerance) -> float:
+  try:
+    value = float(tolerance)
+  except (TypeError, ValueError):
+    value = math.nan
+  if not (math.isfinite(value) and value >= 0):
+    raise MetricsArgumentError(
+        f"segmentation_metrics: nsd_tolerance must be a non-negative finite number, "
+        f"got {tolerance!r}")
+  return value
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -300,8 +345,8 @@ def _chunk_surfaces(packed, start, planes, flat):
   return core, core & ~inner
 
 
-@functools.partial(jax.jit, static_argnames=("planes", "flat", "gather"))
-def _kernel(packed, spacing, sizes, planes, flat, gather=False):
+@functools.partial(jax.jit, static_argnames=("planes", "flat", "gather", "capacity"))
+def _kernel(packed, spacing, sizes, planes, flat, gather=False, capacity=0):
   """Counts and surface-distance sums of the packed box (see the module docstring).
 
   Args:
@@ -312,14 +357,18 @@ def _kernel(packed, spacing, sizes, planes, flat, gather=False):
     flat: a 2-D input; axis b is an added axis of length 1.
     gather: compile the gathered pass 3 too (it only pays for big chunks, and costs
       compilation time).
+    capacity: length of the list of squared distances returned (see Returns).
 
   Returns:
     [|ref|, |pred|, |ref ∩ pred|], and per direction (0: at S(pred) to S(ref), 1: at S(ref)
     to S(pred)) the number of surface voxels, the sums of distances and of squared
-    distances and the largest squared distance.
+    distances and the largest squared distance; then a (capacity + 2 planes N_b N_c,) float32 list
+    whose first `count[0] + count[1]` entries are the squared distances of all target
+    voxels (both directions, in no particular order; the rest is garbage), valid when
+    that count is at most `capacity`.
   """
   shape = packed.shape
-  key = (shape, planes, flat, gather)
+  key = (shape, planes, flat, gather, capacity)
   _TRACES[key] = _TRACES.get(key, 0) + 1
   chunks = (shape[0] - 2) // planes
   _, shape_b, shape_c = shape
@@ -409,13 +458,15 @@ def _kernel(packed, spacing, sizes, planes, flat, gather=False):
 
   chunk_shape = (2, planes, shape_b, shape_c)
   direction = jnp.arange(2, dtype=jnp.int32)[:, None, None, None]
-  sparse_size = max(1, math.prod(chunk_shape) // _SPARSE_FRACTION)
+  chunk_size = math.prod(chunk_shape)
+  sparse_size = max(1, chunk_size // _SPARSE_FRACTION)
 
   def dense_search(f, target):
     """Passes 2 and 3 at every voxel of the chunk."""
     d2 = widening(lambda r_b, r_c: (window_pass(window_pass(f, 2, r_b, s2[1]), 3, r_c,
                                                 s2[2]), target), chunk_shape)
-    return totals(d2, target, direction)
+    at = jnp.nonzero(target.reshape(-1), size=chunk_size, fill_value=0)[0]
+    return totals(d2, target, direction) + (d2.reshape(-1)[at],)
 
   def sparse_search(f, target):
     """Pass 2 at every voxel, pass 3 only at the target voxels (gathered along c)."""
@@ -439,18 +490,20 @@ def _kernel(packed, spacing, sizes, planes, flat, gather=False):
       return d2, valid
 
     d2 = widening(distances, (sparse_size,))
-    return totals(d2, valid, k)
+    # The targets come first (nonzero lists them in order), as in the dense list.
+    return totals(d2, valid, k) + (jnp.pad(d2, (0, chunk_size - sparse_size)),)
 
   def search(f, target):
     """Per direction: the number of target voxels, the sums of their distances to the
-    nearest source voxel and of the squares, and the largest square."""
+    nearest source voxel and of the squares, and the largest square; and the squared
+    distances of the targets, first in a (chunk_size,) list."""
     if not gather:
       return dense_search(f, target)
     few = jnp.sum(target, dtype=jnp.int32) <= sparse_size
     return jax.lax.cond(few, sparse_search, dense_search, f, target)
 
   def chunk_step(j, carry):
-    last, volumes, count, sum_d, sum_d2, max_d2 = carry
+    last, volumes, count, sum_d, sum_d2, max_d2, listed = carry
     objects, source = _chunk_surfaces(packed, j * planes, planes, flat)
     # |ref|, |pred|, |ref ∩ pred|; int32 within a chunk, int64 across chunks.
     volumes = volumes + jnp.stack([jnp.sum(objects[0], dtype=jnp.int32),
@@ -470,11 +523,17 @@ def _kernel(packed, spacing, sizes, planes, flat, gather=False):
     f = jnp.where(gap < _FAR // 2, gap * gap * s2[0], jnp.inf)
     last = jnp.maximum(last, before[:, -1])
     # Passes 2 and 3, along b and c.
-    n, d, d2, top = search(f, target)
-    return (last, volumes, count + n, sum_d + d, sum_d2 + d2, jnp.maximum(max_d2, top))
+    n, d, d2, top, values = search(f, target)
+    # Appended after the targets so far; past `capacity` the host asks again (clamped).
+    offset = jnp.minimum(jnp.sum(count), capacity).astype(jnp.int32)
+    listed = jax.lax.dynamic_update_slice_in_dim(listed, values, offset, axis=0)
+    return (last, volumes, count + n, sum_d + d, sum_d2 + d2, jnp.maximum(max_d2, top),
+            listed)
 
   init = (jnp.full((2, shape_b, shape_c), -far, jnp.int32), jnp.zeros(3, jnp.int64),
           jnp.zeros(2, jnp.int64),
-          jnp.zeros(2, jnp.float64), jnp.zeros(2, jnp.float64), jnp.zeros(2, jnp.float64))
-  _, volumes, count, sum_d, sum_d2, max_d2 = jax.lax.fori_loop(0, used, chunk_step, init)
-  return volumes, count, sum_d, sum_d2, max_d2
+          jnp.zeros(2, jnp.float64), jnp.zeros(2, jnp.float64), jnp.zeros(2, jnp.float64),
+          jnp.zeros(capacity + chunk_size, jnp.float32))
+  _, volumes, count, sum_d, sum_d2, max_d2, listed = jax.lax.fori_loop(
+      0, used, chunk_step, init)
+  return volumes, count, sum_d, sum_d2, max_d2, listed
