@@ -287,13 +287,17 @@ def test_chunked_sweep_agrees_with_medpy(monkeypatch):
     assert_agrees(pred, ref, spacing, ("chunked", i))
 
 
-def test_gathered_last_pass_agrees_with_medpy(monkeypatch):
-  # Big chunks gather pass 3 at the target voxels when these are few; force it here.
-  monkeypatch.setattr(metrics, "_GATHER_CHUNK", 0)
-  for family in ("nested", "far", "components"):
+@pytest.mark.parametrize("window, band", [(1, 8), (0, 32)])
+def test_bands_searched_again_agree_with_medpy(monkeypatch, window, band):
+  # A first window of 0 or 1 voxels settles few targets: nearly every distance then
+  # comes from the bands searched again (8 or 32 planes along b, one band or several per
+  # chunk), with their radii grown.
+  monkeypatch.setattr(metrics, "_FIRST_WINDOW", window)
+  monkeypatch.setattr(metrics, "_BAND", band)
+  for family in ("islands", "far", "blobs", "thin"):
     for i, pred, ref, spacing in family_cases(family):
-      if i < 15:
-        assert_agrees(pred, ref, spacing, ("gathered", family, i))
+      if i < 12:
+        assert_agrees(pred, ref, spacing, ("bands", window, band, family, i))
 
 
 @pytest.mark.slow
@@ -497,7 +501,7 @@ def test_one_compilation_per_bucket(group):
     pred, ref = rng.random(shape) < 0.5, rng.random(shape) < 0.5
     pred[0, 0, 0] = ref[-1, -1, -1] = True          # the box is the whole array
     packed, _, _, planes = metrics._pack(ref, pred, spacing)
-    keys.add((packed.shape, planes, False, False, metrics._list_capacity(packed.shape)))
+    keys.add((packed.shape, planes, False, metrics._FIRST_WINDOW, metrics._BAND))
     assert_agrees(pred, ref, spacing, shape)
   assert len(keys) == 1
   assert metrics._TRACES[keys.pop()] == 1
@@ -506,19 +510,18 @@ def test_one_compilation_per_bucket(group):
 def test_memory_grows_linearly_with_the_box():
   # Compiled temporaries and outputs for boxes 128 and 512 planes long, in chunks of 64
   # planes: a constant for the chunk's work, plus bookkeeping well under a byte per box
-  # voxel and the distance list of a big box (4 bytes per 1/_LIST_FRACTION voxel).
+  # voxel, and the output's float32 distance per box voxel.
   sizes = []
   for length in (128, 512):
     packed = jnp.zeros((length + 2, 64, 64), jnp.uint8)
     with jax.enable_x64(True):
-      compiled = metrics._kernel.lower(
-          packed, jnp.ones(3, jnp.float64), jnp.asarray([length, 64, 64], jnp.int32),
-          planes=64, flat=False,
-          capacity=length * 64 * 64 // metrics._LIST_FRACTION).compile()
+      compiled = metrics._kernel.lower(packed, jnp.ones(3, jnp.float64),
+                                       jnp.asarray([length, 64, 64], jnp.int32),
+                                       planes=64, flat=False).compile()
     memory = compiled.memory_analysis()
     sizes.append((memory.temp_size_in_bytes, memory.output_size_in_bytes))
   added_voxels = (512 - 128) * 64 * 64
   assert sizes[1][0] - sizes[0][0] < 0.5 * added_voxels
-  assert sizes[1][1] - sizes[0][1] <= 4 * added_voxels // metrics._LIST_FRACTION
+  assert sizes[1][1] - sizes[0][1] == 4 * added_voxels
   chunk_voxels = 2 * 64 * 64 * 64   # both directions
   assert sizes[0][0] < 96 * chunk_voxels
