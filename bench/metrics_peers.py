@@ -295,6 +295,19 @@ def compare(args):
   print(f"\nat the end: {_uptime()}")
 
 
+def _ours_alone(ref, pred, args):
+  """(box voxels in millions, median seconds, peak MiB) of ours on one case."""
+  box = _box(ref, pred)
+  voxels = math.prod(b.stop - b.start for b in box) / 1e6
+  with tempfile.TemporaryDirectory() as data:
+    np.save(os.path.join(data, "ref.npy"), ref)
+    np.save(os.path.join(data, "pred.npy"), pred)
+    result, error = run_worker("ours", data, args)
+  if result is None:
+    sys.exit(f"ours failed: {error}")
+  return voxels, float(np.median(result["times_s"])), result["rss_peak_mib"]
+
+
 def sweep(args):
   """Ours alone: time and peak memory over box sizes, and over an island's distance."""
   spacing = tuple(args.spacing)
@@ -303,35 +316,17 @@ def sweep(args):
         f"{'peak MiB':>9s}")
   for scale in (0.5, 0.7, 1.0, 1.4):
     shape = tuple(int(round(n * scale)) for n in args.shape)
-    ref, pred = make_case("fair", shape, spacing, args.seed)
-    box = _box(ref, pred)
-    voxels = math.prod(b.stop - b.start for b in box) / 1e6
-    with tempfile.TemporaryDirectory() as data:
-      np.save(os.path.join(data, "ref.npy"), ref)
-      np.save(os.path.join(data, "pred.npy"), pred)
-      result, error = run_worker("ours", data, args)
-    if result is None:
-      sys.exit(f"ours failed: {error}")
-    t = float(np.median(result["times_s"]))
-    print(f"{str(shape):>16s} {voxels:13.1f} {t:9.3f} {t / voxels:15.4f} "
-          f"{result['rss_peak_mib']:9.0f}")
+    voxels, t, peak = _ours_alone(*make_case("fair", shape, spacing, args.seed), args)
+    print(f"{str(shape):>16s} {voxels:13.1f} {t:9.3f} {t / voxels:15.4f} {peak:9.0f}")
   print(f"\nisland distance (the fair case plus one island) | {_uptime()}")
   print(f"{'distance mm':>12s} {'box M voxels':>13s} {'median s':>9s} {'peak MiB':>9s}")
   for distance in (0.0, 12.5, 25.0, 50.0, 100.0, 150.0):
     ref, pred = make_case("fair", tuple(args.shape), spacing, args.seed)
     if distance:
       add_island(pred, ref, distance, spacing)
-    box = _box(ref, pred)
-    voxels = math.prod(b.stop - b.start for b in box) / 1e6
-    with tempfile.TemporaryDirectory() as data:
-      np.save(os.path.join(data, "ref.npy"), ref)
-      np.save(os.path.join(data, "pred.npy"), pred)
-      result, error = run_worker("ours", data, args)
-    if result is None:
-      sys.exit(f"ours failed: {error}")
+    voxels, t, peak = _ours_alone(ref, pred, args)
     label = f"{distance:g}" if distance else "no island"
-    print(f"{label:>12s} {voxels:13.1f} {np.median(result['times_s']):9.3f} "
-          f"{result['rss_peak_mib']:9.0f}")
+    print(f"{label:>12s} {voxels:13.1f} {t:9.3f} {peak:9.0f}")
   print(f"\nat the end: {_uptime()}")
 
 
