@@ -119,7 +119,9 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float],
     array's edge counts as outside); distances are exact Euclidean, from each surface
     voxel of one object to the nearest surface voxel of the other, both directions
     pooled: hd95 is their 95th percentile (numpy's linear interpolation, as medpy's
-    `hd95`), nsd the fraction of them at most `nsd_tolerance`.
+    `hd95`; MONAI's `compute_hausdorff_distance(percentile=95)` takes the larger of the
+    two directions' percentiles instead), nsd the fraction of them at most
+    `nsd_tolerance` (MONAI's `compute_surface_dice` without subvoxels).
     Both empty: dsc 1, voe 0, rvd 0, distances 0, nsd 1. One empty: dsc 0, voe 1, rvd -1
     (pred empty) or +inf (ref empty), distances +inf, nsd 0.
 
