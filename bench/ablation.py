@@ -206,7 +206,7 @@ def permeation_of_run(workdir: str, config, small_area_mm2: float, untrained: bo
   from munet_jax import diagnostics
   from munet_jax.data import nifti
   from munet_jax.data.discovery import find_cases
-  from munet_jax.training.checkpointing import load_variables
+  from munet_jax.checkpoints import load_variables
   from munet_jax.training.state import create_train_state, variables_of
   if untrained:
     variables = variables_of(create_train_state(config, jax.random.key(config.seed)))

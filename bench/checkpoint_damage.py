@@ -30,7 +30,7 @@ def _state(workdir, step):
   """The train state's leaves, as (path, numpy array), read back raw."""
   import jax
   import orbax.checkpoint as ocp
-  from munet_jax.training.checkpointing import Checkpointer
+  from munet_jax.checkpoints import Checkpointer
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(
@@ -48,8 +48,9 @@ def main(argv):
   args = parser.parse_args(argv)
   import logging
   logging.disable(logging.CRITICAL)
-  from munet_jax.training.checkpointing import Checkpointer, _drop_late_restore_errors
-  _drop_late_restore_errors()   # the failed restores' late tracebacks: not table rows
+  from munet_jax import _orbax_quiet
+  from munet_jax.checkpoints import Checkpointer
+  _orbax_quiet.drop_late_restore_errors()   # the failed restores' late tracebacks: not table rows
   ckpt = Checkpointer(args.workdir, read_only=True)
   step = args.step if args.step is not None else max(ckpt.steps())
   ckpt.close()

@@ -38,7 +38,7 @@ from munet_jax.data import nifti  # noqa: E402
 from munet_jax.lesions import lesion_detection  # noqa: E402
 from munet_jax.models import from_config  # noqa: E402
 from munet_jax.preprocessing import preprocess  # noqa: E402
-from munet_jax.training import parallel  # noqa: E402
+from munet_jax import sharding  # noqa: E402
 
 REAL_CT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "shared", "data", "real_ct", "ct_abdomen_3mm.nii.gz")
@@ -48,13 +48,13 @@ def earlier_segment_volume(predict, mesh, variables, config, hu, batch):
   """The repository's segment_volume before this change, for comparison."""
   x, y, z = hu.shape
   out = np.empty((x, y, z), np.uint8)
-  sharding = parallel.batch_sharding(mesh)
+  rows = sharding.batch_sharding(mesh)
   for start in range(0, z, batch):
     stop = min(start + batch, z)
     slices = np.moveaxis(hu[:, :, start:stop], -1, 0)
     images = np.zeros((batch, x, y, 1), np.float32)
     images[:stop - start, ..., 0] = preprocess(slices.astype(np.float32), config)
-    labels = predict(variables, jax.device_put(images, sharding))
+    labels = predict(variables, jax.device_put(images, rows))
     out[:, :, start:stop] = np.moveaxis(np.asarray(labels)[:stop - start], 0, -1)
   return out
 
@@ -65,7 +65,7 @@ def earlier_predict_fn(config, mesh):
   def predict(variables, images):
     return jnp.argmax(model.apply(variables, images, train=False), axis=-1).astype(jnp.uint8)
 
-  return jax.jit(predict, out_shardings=parallel.batch_sharding(mesh))
+  return jax.jit(predict, out_shardings=sharding.batch_sharding(mesh))
 
 
 def timed(fn, repeats):
@@ -108,7 +108,7 @@ def inference_table(repeats):
     c.model.features = features
     c.eval.batch_size = 16
     variables = munet_jax.init(jax.random.key(0), c)
-    mesh = parallel.make_mesh(jax.local_devices())
+    mesh = sharding.make_mesh(jax.local_devices())
     old = earlier_predict_fn(c, mesh)
     segmenter = inference.VolumeSegmenter(variables, c)
     placed = segmenter.variables

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from munet_jax.config import base_config  # noqa: E402
 from munet_jax.runtime import configure_jax  # noqa: E402
-from munet_jax.training import parallel  # noqa: E402
+from munet_jax import sharding  # noqa: E402
 from munet_jax.training.state import create_train_state, make_train_step  # noqa: E402
 
 # Dense peak TFLOP/s per device by (device kind prefix, dtype), from the vendors' data sheets.
@@ -44,16 +44,16 @@ def measure(features, size, batch, dtype, steps, warmup, cost_only=False):
   c.model.features = features
   c.model.dtype = dtype
   c.train.batch_size = batch
-  mesh = parallel.make_mesh(jax.local_devices())
-  padded = parallel.padded_batch_size(batch, mesh.devices.size)
-  state = jax.device_put(create_train_state(c, jax.random.key(0)), parallel.replicated(mesh))
+  mesh = sharding.make_mesh(jax.local_devices())
+  padded = sharding.padded_batch_size(batch, mesh.devices.size)
+  state = jax.device_put(create_train_state(c, jax.random.key(0)), sharding.replicated(mesh))
   rng = np.random.default_rng(0)
   local = dict(image=rng.integers(-1000, 1000, (padded, size, size, 1)).astype(np.int16),
                label=rng.integers(0, 3, (padded, size, size)).astype(np.int32),
                mask=np.arange(padded) < batch)
-  data = parallel.global_batch_from_local(local, mesh)
+  data = sharding.global_batch_from_local(local, mesh)
   step = jax.jit(make_train_step(c), donate_argnums=0,
-                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
   compiled = step.lower(state, data).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

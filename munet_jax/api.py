@@ -60,6 +60,6 @@ def load(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict
   A damaged newest checkpoint falls back to the previous complete one with a one-line
   warning; a missing or wholly damaged run is a `UserError` naming the folder.
   """
-  from munet_jax.training.checkpointing import load_variables
+  from munet_jax.checkpoints import load_variables
   config, variables, _ = load_variables(workdir, which)
   return config, variables

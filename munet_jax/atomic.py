@@ -16,7 +16,7 @@ import secrets
 import socket
 from typing import Iterator
 
-from munet_jax.errors import UserError
+from munet_jax.errors import WriteError
 
 
 @contextlib.contextmanager
@@ -29,7 +29,8 @@ def atomic_output(path, suffix: str = "") -> Iterator[str]:
       extension, such as nibabel with '.nii.gz', need it).
 
   Raises:
-    UserError naming `path` when the file system refuses (permissions, full disk). On any
+    WriteError (a UserError) naming `path` when the file system refuses (permissions,
+    full disk). On any
     failure the temporary file is removed and `path` is left as it was.
   """
   path = os.fspath(path)
@@ -45,7 +46,7 @@ def atomic_output(path, suffix: str = "") -> Iterator[str]:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     if isinstance(e, OSError):
-      raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
+      raise WriteError(f"{path}: cannot write ({e.strerror or e})") from e
     raise
 
 

@@ -647,7 +647,7 @@ def _parse(argv: Sequence[str]):
 
 
 def _load_run(workdir: str, which: str, flag: str):
-  from munet_jax.training.checkpointing import load_variables
+  from munet_jax.checkpoints import load_variables
   if not os.path.isdir(workdir):
     raise UserError(f"{workdir}: {flag} not found")
   return load_variables(workdir, which)

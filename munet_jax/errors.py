@@ -17,6 +17,14 @@ class UserError(Exception):
   """A problem with the user's input: printed as one line, exit status 2."""
 
 
+class WriteError(UserError):
+  """The file system refused a write (full, over quota, read-only, not permitted).
+
+  Never a property of the input being processed: code that skips bad inputs lets it
+  through, so a full disk is not mistaken for a bad case.
+  """
+
+
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
   """Runs `main(argv)`; a `UserError` becomes one stderr line and exit status 2.
 

@@ -261,7 +261,7 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
   from munet_jax.data.discovery import find_cases
   from munet_jax.data.splits import split_cases
   from munet_jax.inference import VolumeSegmenter, prefetch
-  from munet_jax.training.checkpointing import load_variables
+  from munet_jax.checkpoints import load_variables
 
   config, variables, step = load_variables(workdir, which)
   root = data or config.data.root

@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from munet_jax.errors import UserError
-from munet_jax.training import parallel
+from munet_jax import sharding
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _LITS_LABEL = re.compile(r"^segmentation-\d+\.nii(\.gz)?$")
@@ -47,9 +47,9 @@ def _labeller(key: str, devices: tuple) -> tuple[Callable, jax.sharding.Mesh]:
   from munet_jax.preprocessing import preprocess
   config = config_from_dict(json.loads(key))
   model = from_config(config)
-  mesh = parallel.make_mesh(list(devices))
+  mesh = sharding.make_mesh(list(devices))
 
-  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
+  @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
   def label_slices(variables, hu):
     images = preprocess(hu[..., None], config)
     logits = model.apply(variables, images, train=False)
@@ -67,12 +67,12 @@ def _computation_key(config: ml_collections.ConfigDict) -> str:
 
 def _replicate(variables: dict, mesh: jax.sharding.Mesh) -> dict:
   """Variables on every device of `mesh` (a no-op for arrays already placed so)."""
-  sharding = parallel.replicated(mesh)
+  everywhere = sharding.replicated(mesh)
 
   def place(leaf):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       leaf = leaf.addressable_data(0)  # multi-host: this process's copy of a replicated array
-    return jax.device_put(leaf, sharding)
+    return jax.device_put(leaf, everywhere)
 
   return jax.tree_util.tree_map(place, variables)
 
@@ -102,8 +102,8 @@ class VolumeSegmenter:
     devices = tuple(devices if devices is not None else jax.local_devices())
     self.config = config
     self._label, self.mesh = _labeller(_computation_key(config), devices)
-    self._sharding = parallel.batch_sharding(self.mesh)
-    self.batch_size = parallel.padded_batch_size(batch_size or config.eval.batch_size,
+    self._sharding = sharding.batch_sharding(self.mesh)
+    self.batch_size = sharding.padded_batch_size(batch_size or config.eval.batch_size,
                                                  len(devices))
     self.variables = _replicate(variables, self.mesh)
 

@@ -179,14 +179,14 @@ def test_eval_workdir_other_data_root_and_split(run, tmp_path, capsys):
 
 
 def test_a_damaged_newest_checkpoint_falls_back_with_a_one_line_warning(tmp_path, caplog):
-  from munet_jax.training.checkpointing import load_variables
+  from munet_jax.checkpoints import load_variables
   workdir = tmp_path / "w"
   make_tiny_run(str(workdir), steps=(1, 2))
   _damage(workdir / "checkpoints" / "2")
   _, _, step = load_variables(str(workdir))
   assert step == 1
   warnings = [r.getMessage() for r in caplog.records
-              if r.name == "munet_jax.training.checkpointing"]
+              if r.name == "munet_jax.checkpoints"]
   assert len(warnings) == 1 and "checkpoints/2 is damaged" in warnings[0]
   assert "\n" not in warnings[0] and len(warnings[0]) <= 200 + len(str(workdir))
 

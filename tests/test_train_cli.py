@@ -80,7 +80,7 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
   import jax.numpy as jnp
   from munet_jax.config import load_config_file
   from munet_jax.training import loop
-  from munet_jax.training.checkpointing import Checkpointer
+  from munet_jax.checkpoints import Checkpointer
   real = loop.make_train_step
 
   def poisoned(config):

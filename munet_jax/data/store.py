@@ -40,7 +40,7 @@ import tqdm
 from munet_jax.atomic import atomic_output
 from munet_jax.data import nifti
 from munet_jax.data.discovery import Case, natural_key
-from munet_jax.errors import UserError
+from munet_jax.errors import UserError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,8 @@ def prepare_store(cases: Sequence[Case], cache_dir, skip_bad: bool = False,
         continue
       try:
         info = _prepare_volume(case, cache_dir, prints[case.name])
+      except WriteError:
+        raise   # the disk, not the case: never recorded as a bad case
       except UserError as e:
         if not skip_bad:
           raise
@@ -353,9 +355,18 @@ def _prepare_volume(case: Case, cache_dir: str, fingerprint: dict) -> VolumeInfo
     os.rename(tmp, final)
     return info
   except OSError as e:
-    raise UserError(f"{cache_dir}: cannot write the slice store ({e.strerror or e})") from e
+    raise WriteError(f"{cache_dir}: cannot write the slice store of {case.name} "
+                     f"({e.strerror or e})") from e
+  except WriteError as e:   # the meta file, through atomic_output
+    raise WriteError(f"{cache_dir}: cannot write the slice store of {case.name} "
+                     f"({_strerror(e)})") from e
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _strerror(error: BaseException) -> str:
+  cause = error.__cause__
+  return (cause.strerror if isinstance(cause, OSError) and cause.strerror else str(error))
 
 
 def _to_int16(block: np.ndarray) -> np.ndarray:

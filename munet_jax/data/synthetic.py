@@ -37,7 +37,7 @@ import numpy as np
 import tqdm
 
 from munet_jax.data import nifti
-from munet_jax.errors import UserError, run_cli
+from munet_jax.errors import UserError, WriteError, run_cli
 
 MIN_SIZE = 16  # below this the anatomy is a few voxels
 
@@ -543,7 +543,13 @@ def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
   parent, name = os.path.split(out)
   tmp = os.path.join(parent, f".{name}.synthetic-tmp")
   shutil.rmtree(tmp, ignore_errors=True)   # left by a run killed while writing it
-  paths = write_dataset(tmp, cases, size, seed=seed, slices=slices, progress=progress)
+  try:
+    paths = write_dataset(tmp, cases, size, seed=seed, slices=slices, progress=progress)
+  except (OSError, WriteError) as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    cause = e.__cause__ if isinstance(e, WriteError) else e
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e)
+    raise WriteError(f"{out}: cannot write the synthetic data set ({reason})") from e
   try:
     if os.path.isdir(out) and not os.listdir(out):
       os.rmdir(out)
@@ -555,7 +561,7 @@ def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
         os.replace(os.path.join(tmp, entry), os.path.join(out, entry))
       os.rmdir(tmp)
   except OSError as e:
-    raise UserError(f"{out}: cannot write the synthetic data set ({e.strerror or e})") from e
+    raise WriteError(f"{out}: cannot write the synthetic data set ({e.strerror or e})") from e
   return [(os.path.join(out, os.path.basename(i)), os.path.join(out, os.path.basename(l)))
           for i, l in paths]
 

@@ -195,7 +195,7 @@ class MUNet(nn.Module):
                      kernel_init=_kernel_init(self.init_std),
                      bias_init=nn.initializers.constant(self.bias_init), name="output")(x)
     logits = logits[:, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w, :]
-    return logits.astype(jnp.float32)
+    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))   # float64 stays
 
 
 def from_config(config) -> MUNet:

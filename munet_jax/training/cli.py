@@ -8,6 +8,7 @@ saving a checkpoint: rerun the same command to resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Sequence
@@ -52,6 +53,8 @@ def initialize_distributed(args) -> None:
     local = None
     if args.local_devices:
       local = [int(d) for d in args.local_devices.split(",")]
+    # CPU processes need a collectives library of their own (GPUs and TPUs ignore this).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                local_device_ids=local)
   elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
@@ -72,6 +75,37 @@ def make_workdir(workdir: str) -> None:
     raise UserError(f"{workdir}: --workdir is not writable")
 
 
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+  """The workdir's trainer lock for the whole run, taken before anything is written.
+
+  Process 0 takes it for all processes of a multi-host run; the others learn from it
+  whether they may go on, so a refused run stops on every process with exit status 2.
+  """
+  import jax
+  import numpy as np
+  from munet_jax.training.lock import WorkdirLock
+  lock = WorkdirLock(workdir)
+  refusal = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except UserError as e:
+      refusal = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    held = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
+    if not int(held) and refusal is None:
+      refusal = UserError(f"{os.path.abspath(workdir)}: process 0 of this run could not take "
+                          "the workdir's trainer lock (its message says why)")
+  if refusal is not None:
+    raise refusal
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
 def main(argv: Sequence[str]) -> int:
   from munet_jax.config import apply_overrides, load_config_file
   args, overrides = parse_args(argv)
@@ -88,7 +122,8 @@ def main(argv: Sequence[str]) -> int:
   configure_jax()
   from munet_jax.training import loop
   try:
-    loop.train_and_evaluate(config, args.workdir)
+    with hold_workdir(args.workdir):
+      loop.train_and_evaluate(config, args.workdir)
   except KeyboardInterrupt:
     # Ctrl-C before the training loop took over the signal (data, compilation, restore),
     # or a second Ctrl-C inside it: no new checkpoint, the complete ones stay.

@@ -19,8 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from munet_jax.errors import UserError
-from munet_jax.training import parallel
-from munet_jax.training.checkpointing import Checkpointer
+from munet_jax import sharding
+from munet_jax.checkpoints import Checkpointer
 from munet_jax.training.reporting import MetricWriter, plot_curves
 from munet_jax.training.state import create_train_state, make_train_step, variables_of
 
@@ -75,7 +75,7 @@ def prepare_data(config: ml_collections.ConfigDict):
       synthetic.write_dataset_into_place(
           root, config.data.synthetic.cases, config.data.synthetic.size, seed=config.seed,
           slices=config.data.synthetic.slices)
-    _sync("synthetic data")
+    sharding.sync_processes("synthetic data")
   cases = discovery.find_cases(root)
   split = splits.split_cases(cases, config)
   if not split["train"]:
@@ -84,7 +84,7 @@ def prepare_data(config: ml_collections.ConfigDict):
   wanted = split["train"] + split["val"] + split["test"]
   if jax.process_index() == 0:
     slice_store = store.prepare_store(wanted, cache_dir, skip_bad=config.data.skip_bad)
-  _sync("slice store")
+  sharding.sync_processes("slice store")
   if jax.process_index() != 0:
     slice_store = store.prepare_store(wanted, cache_dir, skip_bad=config.data.skip_bad)
   if slice_store.skipped and jax.process_index() == 0:
@@ -104,12 +104,6 @@ def _has_cases(root: str) -> bool:
     return bool(discovery.find_cases(root))
   except UserError:
     return False
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def evaluate_split(variables, config, slice_store, names, progress=False) -> list[dict]:
@@ -136,10 +130,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   lead = jax.process_index() == 0
   split, slice_store = prepare_data(config)
 
-  mesh = parallel.make_mesh()
-  padded = parallel.padded_batch_size(config.train.batch_size, mesh.devices.size)
+  mesh = sharding.make_mesh()
+  padded = sharding.padded_batch_size(config.train.batch_size, mesh.devices.size)
   state = create_train_state(config, jax.random.key(config.seed))
-  state = jax.device_put(state, parallel.replicated(mesh))
+  state = jax.device_put(state, sharding.replicated(mesh))
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
   restored = ckpt.restore_latest(state, config)
   data_state = None
@@ -161,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     iterator.set_state(data_state)
 
   step_fn = jax.jit(make_train_step(config), donate_argnums=0,
-                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+                    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
   writer = MetricWriter(workdir, enabled=lead)
   val_names = [c.name for c in split["val"] if c.name in stored]
   total = config.train.steps
@@ -178,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   try:
     with _SignalFlag() as flag:
       for step in range(start, total):
-        batch = parallel.global_batch_from_local(next(iterator), mesh)
+        batch = sharding.global_batch_from_local(next(iterator), mesh)
         state, metrics = step_fn(state, batch)
         done = step + 1
         loss = float(metrics["loss"])   # waits for this step: keeps NaN out of checkpoints
@@ -215,17 +209,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
             save(done)
           ckpt.wait()
           raise Interrupted(flag.signum, done)
-  finally:
-    iterator.close()
-    bar.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    if lead:
-      plot_curves(workdir)
+  except BaseException:
+    # Already failing (a full disk, a signal, a bug): tidy up without letting a second
+    # error from the same cause (the disk is still full) replace the first.
+    _best_effort(iterator.close, bar.close, ckpt.wait, ckpt.close, writer.close,
+                 lambda: plot_curves(workdir) if lead else None)
+    raise
+  _finish(iterator.close, bar.close, ckpt.wait, ckpt.close, writer.close)
+  if lead:
+    plot_curves(workdir)
 
   return final_evaluation(variables_of(state), config, split, slice_store, workdir,
                           int(state.step))
+
+
+def _best_effort(*steps) -> None:
+  for step in steps:
+    try:
+      step()
+    except Exception:  # the error already on its way out is the one to report
+      pass
+
+
+def _finish(*steps) -> None:
+  """Runs every step; the first error is raised once all have run."""
+  first = None
+  for step in steps:
+    try:
+      step()
+    except Exception as e:
+      first = first or e
+  if first is not None:
+    raise first
 
 
 def final_evaluation(variables, config, split, slice_store, workdir, step: int) -> dict | None:

@@ -16,10 +16,15 @@ def _masked_mean(per_row: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _real(x):
+  """float32 for float32 and narrower logits (bfloat16 compute); float64 stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def mse_loss(logits, labels, mask):
   """The paper's loss: mean squared error between softmax probabilities and one-hot labels."""
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  probs = jax.nn.softmax(_real(logits), axis=-1)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=probs.dtype)
   return _masked_mean(jnp.mean((probs - onehot) ** 2, axis=(1, 2, 3)), mask)
 
 
@@ -33,9 +38,9 @@ def soft_dice_loss(logits, labels, mask, eps: float = 1.0):
   learned. Pooled over the batch, absent classes cost in proportion. The sums are over
   the global batch, so the value does not depend on how it is split over devices.
   """
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1:]
-  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)[..., 1:]
-  rows = mask.astype(jnp.float32)[:, None, None, None]
+  probs = jax.nn.softmax(_real(logits), axis=-1)[..., 1:]
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=probs.dtype)[..., 1:]
+  rows = mask.astype(probs.dtype)[:, None, None, None]
   inter = jnp.sum(probs * onehot * rows, axis=(0, 1, 2))
   denom = jnp.sum((probs + onehot) * rows, axis=(0, 1, 2))
   dice = (2.0 * inter + eps) / (denom + eps)   # (K-1,); a class absent everywhere scores ~1
@@ -43,7 +48,7 @@ def soft_dice_loss(logits, labels, mask, eps: float = 1.0):
 
 
 def cross_entropy_loss(logits, labels, mask):
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  ce = optax.softmax_cross_entropy_with_integer_labels(_real(logits), labels)
   return _masked_mean(jnp.mean(ce, axis=(1, 2)), mask)
 
 

@@ -2,38 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
 
 import numpy as np
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import scalar
 
 from munet_jax.atomic import atomic_output
+from munet_jax.errors import UserError
 
 
 class MetricWriter:
-  """Appends {'step', name: value...} rows to `workdir/metrics.jsonl` and TensorBoard."""
+  """Appends {'step', name: value...} rows to `workdir/metrics.jsonl` and TensorBoard.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Both are written in the calling thread, so a full disk is reported here, as one
+  `UserError` naming the file, rather than by a background thread. Event files are
+  synced at most every `flush_seconds` and on `close`.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, flush_seconds: float = 10.0):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
+    self._events = None
+    self._events_dir = os.path.join(workdir, "tensorboard")
+    self._flush_seconds, self._flushed = flush_seconds, time.monotonic()
     self._line_start = False   # whether the file is known to end with a whole row
     if enabled:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      with _reporting(self._events_dir, "the TensorBoard event file"):
+        os.makedirs(self._events_dir, exist_ok=True)
+        self._events = EventsWriter(os.path.join(self._events_dir, "events"))
 
   def write(self, step: int, values: dict, prefix: str = "train") -> None:
     if not self.enabled:
       return
     row = {"step": int(step)}
+    summaries = []
     for name, value in values.items():
       value = float(value)
       finite = math.isfinite(value)   # an empty reference gives inf distances
       row[f"{prefix}/{name}"] = value if finite else None
       if finite:
-        self._tb.add_scalar(f"{prefix}/{name}", value, int(step))
-    with open(self.path, "a") as f:
+        summaries.append(scalar(f"{prefix}/{name}", value))
+    with _reporting(self.path, "the training metrics"), open(self.path, "a") as f:
       if not self._line_start:
         # A run killed mid-append leaves a row without its newline; end it, or the
         # resumed run's first row would be glued to it and lost.
@@ -41,10 +56,27 @@ class MetricWriter:
           f.write("\n")
         self._line_start = True
       f.write(json.dumps(row) + "\n")
+    with _reporting(self._events_dir, "the TensorBoard event file"):
+      for summary in summaries:
+        self._events.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+      if time.monotonic() - self._flushed > self._flush_seconds:
+        self._events.flush()
+        self._flushed = time.monotonic()
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    if self._events is not None:
+      events, self._events = self._events, None
+      with _reporting(self._events_dir, "the TensorBoard event file"):
+        events.close()
+
+
+@contextlib.contextmanager
+def _reporting(path: str, what: str):
+  """An OSError while writing `what` becomes one UserError naming `path`."""
+  try:
+    yield
+  except OSError as e:
+    raise UserError(f"{path}: cannot write {what} ({e.strerror or e})") from e
 
 
 def _last_byte(path: str) -> bytes:

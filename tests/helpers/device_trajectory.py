@@ -1,53 +1,124 @@
-"""Trains a tiny mU-Net for a few steps on meshes of 1, 2, 3, 4 and 8 host devices.
+"""Trains a tiny mU-Net for a few steps on meshes of 1, 2, 3, 4 and 8 host devices, in float64.
 
-Run with XLA_FLAGS=--xla_force_host_platform_device_count=8; prints one JSON line:
-{n_devices: [losses...], ...} and writes the final parameters of each to OUT.npz.
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=8:
+
+  python device_trajectory.py OUT.npz [--broken-padding]
+
+Prints one JSON line {"losses": {n: [...]}, "resumed": {"a->b": [...]}} and writes the
+final parameters of each run to OUT.npz (keys "n" and "a->b"). "a->b" trains the first
+steps on a devices, checkpoints, restores the checkpoint on b devices and trains on:
+resuming on another device count.
+
+Why float64: the sharded step differs from the one-device step only in the order of its
+sums (the gradient all-reduce, the batch-norm statistics). In float32 Adam turns that
+rounding, in gradients that are zero but for rounding, into steps of about the learning
+rate, so no bound on the parameters separates rounding from a real difference. In
+float64 rounding is ~1e-16 relative, Adam's amplification (|g| / eps, eps = 1e-8) leaves
+it far below the test's bound, and a real difference (a padding row counted) stays large.
+
+--broken-padding marks every padding row as real: the test's proof that it catches
+another trajectory.
 """
 
 import json
 import os
+import shutil
 import sys
 
 import jax
-import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from munet_jax import sharding  # noqa: E402
+from munet_jax.checkpoints import Checkpointer  # noqa: E402
 from munet_jax.config import base_config  # noqa: E402
 from munet_jax.runtime import configure_jax  # noqa: E402
-from munet_jax.training import parallel  # noqa: E402
 from munet_jax.training.state import create_train_state, make_train_step  # noqa: E402
 
+BATCH, SIZE, STEPS = 15, 16, 4
+RESUMES = ((4, 1), (1, 8), (8, 3), (2, 4))   # (devices before, devices after)
 
-def main(out):
-  configure_jax()
+
+def _config():
   c = base_config()
   c.model.features = (4, 8)
   c.model.dropout_rate = 0.2
-  c.train.batch_size = 15
+  c.model.dtype = "float64"    # not a user setting: this check alone enables x64
+  c.train.batch_size = BATCH
   c.train.learning_rate = 1e-3
-  rng = np.random.default_rng(0)
-  batches = [dict(image=rng.normal(size=(15, 16, 16, 1)).astype(np.float32),
-                  label=rng.integers(0, 3, (15, 16, 16)).astype(np.int32)) for _ in range(3)]
-  losses, finals = {}, {}
-  for n in (1, 2, 3, 4, 8):
-    mesh = parallel.make_mesh(jax.devices()[:n])
-    padded = parallel.padded_batch_size(15, n)
-    state = jax.device_put(create_train_state(c, jax.random.key(0)), parallel.replicated(mesh))
-    step = jax.jit(make_train_step(c), out_shardings=(parallel.replicated(mesh),) * 2)
-    losses[n] = []
+  return c
+
+
+def _float64(tree):
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(jnp.float64) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+      else x, tree)
+
+
+class Run:
+  """One config trained on the first n devices."""
+
+  def __init__(self, c, n, broken_padding):
+    self.mesh = sharding.make_mesh(jax.devices()[:n])
+    self.padded = sharding.padded_batch_size(BATCH, n)
+    self.step = jax.jit(make_train_step(c), out_shardings=(sharding.replicated(self.mesh),) * 2)
+    self.broken = broken_padding
+
+  def place(self, state):
+    return jax.device_put(state, sharding.replicated(self.mesh))
+
+  def train(self, state, batches, losses):
     for b in batches:
-      pad = padded - 15
-      local = dict(image=np.concatenate([b["image"], np.full((pad, 16, 16, 1), 50.0, np.float32)]),
-                   label=np.concatenate([b["label"], np.zeros((pad, 16, 16), np.int32)]),
-                   mask=np.arange(padded) < 15)
-      state, metrics = step(state, parallel.global_batch_from_local(local, mesh))
-      losses[n].append(float(metrics["loss"]))
-    finals[str(n)] = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
-        jax.device_get((state.params, state.batch_stats)))])
+      pad = self.padded - BATCH
+      mask = np.arange(self.padded) < (self.padded if self.broken else BATCH)
+      local = dict(image=np.concatenate([b["image"], np.full((pad, SIZE, SIZE, 1), 50.0)]),
+                   label=np.concatenate([b["label"], np.zeros((pad, SIZE, SIZE), np.int32)]),
+                   mask=mask)
+      state, metrics = self.step(state, sharding.global_batch_from_local(local, self.mesh))
+      losses.append(float(metrics["loss"]))
+    return state
+
+
+def _flat(state):
+  return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
+      jax.device_get((state.params, state.batch_stats)))])
+
+
+def main(out, broken_padding=False):
+  configure_jax()
+  c = _config()
+  rng = np.random.default_rng(0)
+  batches = [dict(image=rng.normal(size=(BATCH, SIZE, SIZE, 1)),
+                  label=rng.integers(0, 3, (BATCH, SIZE, SIZE)).astype(np.int32))
+             for _ in range(STEPS)]
+  fresh = _float64(create_train_state(c, jax.random.key(0)))
+  losses, finals = {}, {}
+  runs = {n: Run(c, n, broken_padding) for n in (1, 2, 3, 4, 8)}   # each compiles once
+  for n, run in runs.items():
+    losses[str(n)] = []
+    finals[str(n)] = _flat(run.train(run.place(fresh), batches, losses[str(n)]))
+  workdir = os.path.join(os.path.dirname(os.path.abspath(out)), "resume")
+  shutil.rmtree(workdir, ignore_errors=True)
+  for before, after in RESUMES:
+    key = f"{before}->{after}"
+    first, second = runs[before], runs[after]
+    losses[key] = []
+    state = first.train(first.place(fresh), batches[:STEPS // 2], losses[key])
+    ckpt = Checkpointer(os.path.join(workdir, key.replace(">", "")))
+    ckpt.save(STEPS // 2, state, {}, c)
+    ckpt.wait()
+    step, state, _ = ckpt.restore_latest(second.place(fresh))
+    ckpt.close()
+    assert step == STEPS // 2
+    finals[key] = _flat(second.train(state, batches[STEPS // 2:], losses[key]))
   np.savez(out, **finals)
   print(json.dumps(losses))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1], "--broken-padding" in sys.argv[2:])

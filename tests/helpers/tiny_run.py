@@ -26,7 +26,7 @@ def tiny_run_config(data_root: str = "data/none"):
 
 def make_tiny_run(workdir, data_root: str = "data/none", config=None, steps=(1,)):
   import jax
-  from munet_jax.training.checkpointing import Checkpointer
+  from munet_jax.checkpoints import Checkpointer
   from munet_jax.training.state import create_train_state
   config = config or tiny_run_config(data_root)
   state = create_train_state(config, jax.random.key(0))

@@ -192,17 +192,18 @@ def saved_state(workdir, step: int | None = None):
   """
   import jax
   import orbax.checkpoint as ocp
-  from munet_jax.training.checkpointing import Checkpointer
+  from munet_jax.checkpoints import Checkpointer
   ckpt = Checkpointer(str(workdir), read_only=True)
   try:
     step = max(ckpt.steps()) if step is None else step
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+    _, state = ckpt.restore_for_inference(step)   # on this process's devices, any count
+    data = ckpt.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
   finally:
     ckpt.close()
-  paths_leaves = jax.tree_util.tree_flatten_with_path(restored.state)[0]
-  leaves = [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in paths_leaves]
-  return step, leaves, restored.data
+  paths_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  leaves = [("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p), np.asarray(x))
+            for p, x in paths_leaves]
+  return step, leaves, data
 
 
 def assert_same_state(workdir, reference_workdir) -> None:
@@ -294,3 +295,60 @@ def hidden_files(folder) -> list[str]:
   if not os.path.isdir(folder):
     return []
   return sorted(n for n in os.listdir(folder) if n.startswith("."))
+
+
+# ------------------------------------------------------------------- small file systems
+
+
+class SmallFileSystem:
+  """A tmpfs of a chosen size mounted at a folder: a real full disk for the tools.
+
+  Needs root with the right to mount (as in this project's containers); `mount` raises
+  pytest's skip otherwise, naming why.
+  """
+
+  def __init__(self, folder, size: str):
+    self.folder, self.size = str(folder), size
+
+  def mount(self):
+    import pytest
+    os.makedirs(self.folder, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs",
+                           self.folder], capture_output=True, text=True)
+    if done.returncode != 0:
+      pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'not root'})")
+    return self
+
+  def remount(self, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", self.folder], check=True)
+
+  def fill(self, leave_bytes: int = 0) -> None:
+    """Fills the file system with one file, leaving about `leave_bytes` free."""
+    stat = os.statvfs(self.folder)
+    free = stat.f_bavail * stat.f_frsize - leave_bytes
+    with open(os.path.join(self.folder, "filler"), "wb") as f:
+      f.truncate(0)
+      if free > 0:
+        f.write(b"\0" * free)
+
+  def unmount(self) -> None:
+    subprocess.run(["umount", "-l", self.folder], capture_output=True)
+
+  def __enter__(self):
+    return self.mount()
+
+  def __exit__(self, *exc):
+    self.unmount()
+    return False
+
+
+def assert_one_message(result, *needles: str) -> str:
+  """Like `assert_one_error_line` for a tool that failed after its progress bars started."""
+  lines = stderr_lines(result.stderr)
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert lines[0].startswith("error: "), lines[0]
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+  return lines[0]

@@ -107,18 +107,18 @@ def test_late_reports_of_a_failed_restore_are_dropped_and_nothing_else(monkeypat
   import logging
   import types
   import warnings
-  from munet_jax.training import checkpointing
+  from munet_jax import _orbax_quiet
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
-  monkeypatch.setattr(checkpointing, "_restore_failed", False)
-  monkeypatch.setattr(checkpointing, "_filters_installed", False)
+  monkeypatch.setattr(_orbax_quiet, "_restore_failed", False)
+  monkeypatch.setattr(_orbax_quiet, "_filters_installed", False)
   asyncio_log = logging.getLogger("asyncio")
   level = asyncio_log.level
   with warnings.catch_warnings(record=True) as warned:
     warnings.simplefilter("always")
     try:
-      checkpointing._drop_late_restore_errors()
-      checkpointing._drop_late_restore_errors()     # installed once, not stacked
+      _orbax_quiet.drop_late_restore_errors()
+      _orbax_quiet.drop_late_restore_errors()     # installed once, not stacked
       assert asyncio_log.getEffectiveLevel() == logging.CRITICAL
     finally:
       asyncio_log.setLevel(level)

@@ -118,7 +118,7 @@ def test_sigkill_of_the_trainer_leaves_no_data_worker_running(
 def test_ctrl_c_before_training_starts_is_one_line_and_exit_130(tmp_path, tiny_config):
   # Ctrl-C while the run is still reading its checkpoints (nothing to save yet).
   result = harness.run("train", "--config", tiny_config, "--workdir", tmp_path / "run",
-                       fault="munet_jax.training.checkpointing:Checkpointer.restore_latest:"
+                       fault="munet_jax.checkpoints:Checkpointer.restore_latest:"
                              "1:sigint")
   assert result.returncode == 130, (result.returncode, result.stderr[-3000:])
   assert "Traceback" not in result.stderr

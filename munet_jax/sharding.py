@@ -39,3 +39,10 @@ def global_batch_from_local(local: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across the processes of a multi-host run; nothing with one process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
