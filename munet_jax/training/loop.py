@@ -120,7 +120,7 @@ def evaluate_split(variables, config, slice_store, names, progress=False) -> lis
     hu, ref = np.moveaxis(hu, 0, -1), np.moveaxis(ref, 0, -1)   # slices last: (H, W, Z)
     pred = segment(hu)
     entries.append(score_case(name, pred, np.asarray(ref), (sh, sw, sz),
-                              config.eval.small_lesion_mm))
+                              config.eval.small_lesion_mm, config.eval.nsd_tolerance_mm))
   return entries
 
 
@@ -280,7 +280,8 @@ def final_evaluation(variables, config, split, slice_store, workdir, step: int) 
   entries = evaluate_split(variables, config, slice_store, [c.name for c in split[name]],
                            progress=True)
   source = {"checkpoint_step": step, "split": name,
-            "data": os.path.abspath(config.data.root)}
+            "data": os.path.abspath(config.data.root),
+            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
   if slice_store.skipped:
     source["skipped"] = [{"case": case, "reason": reason}
                          for case, reason in slice_store.skipped]
