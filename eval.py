@@ -5,6 +5,8 @@
       segments every volume of the split with W's checkpoint; writes W/eval/results.json.
   python eval.py --pred P --ref R --out F.json [--images CT_DIR] [--overlays N]
       scores the NIfTI label files in P against those of the same name in R (no model).
+  Either takes --metrics dsc,voe,rvd,assd,mssd,hd95,nsd (the table's columns; default the
+  paper's five) and --nsd-tolerance-mm T.
 
 Exit status 0 done, 2 a user error (one line on stderr; --debug shows the traceback),
 130 stopped by Ctrl-C (no results file is left half-written).
@@ -40,6 +42,13 @@ def parse_args(argv):
   parser.add_argument("--small-lesion-mm", type=float, default=None,
                       help="a lesion is small when its largest axial area is below this "
                       "squared, in mm² (default: the run's eval.small_lesion_mm, else 28)")
+  parser.add_argument("--nsd-tolerance-mm", type=float, default=None,
+                      help="tolerance of the normalised surface Dice, in mm (default: the "
+                      "run's eval.nsd_tolerance_mm, else 2)")
+  parser.add_argument("--metrics", default=None,
+                      help="the table's columns, comma-separated, from "
+                      "dsc,voe,rvd,assd,mssd,rmsd,hd95,nsd (default: the paper's "
+                      "dsc,voe,rvd,assd,mssd); results.json always holds all of them")
   parser.add_argument("--overlays", type=int, default=0, metavar="N",
                       help="overlay PNGs of N chosen slices per case, in overlays/ next to "
                       "the results file (default 0: none)")
@@ -62,6 +71,15 @@ def parse_args(argv):
         raise UserError(f"eval.py: --{flag.replace('_', '-')} goes with --workdir, not with --pred")
   if args.small_lesion_mm is not None and not args.small_lesion_mm > 0:
     raise UserError(f"eval.py: --small-lesion-mm must be positive, got {args.small_lesion_mm}")
+  if args.nsd_tolerance_mm is not None and not 0 <= args.nsd_tolerance_mm < float("inf"):
+    raise UserError(f"eval.py: --nsd-tolerance-mm must be non-negative and finite, got "
+                    f"{args.nsd_tolerance_mm}")
+  if args.metrics is not None:
+    from munet_jax.evaluation import table_metrics
+    try:
+      args.metrics = table_metrics(args.metrics)
+    except UserError as e:
+      raise UserError(f"eval.py: --metrics: {e}") from None
   if args.out is not None and not args.out.endswith(".json"):
     raise UserError(f"{args.out}: --out must be a .json file")
   return args
@@ -79,7 +97,8 @@ def main(argv):
       document, out = evaluation.evaluate_run(
           args.workdir, data=args.data, split=args.split or "test",
           which=args.which or "latest", out=args.out, overlays=args.overlays,
-          batch_size=args.batch_size, small_lesion_mm=args.small_lesion_mm)
+          batch_size=args.batch_size, small_lesion_mm=args.small_lesion_mm,
+          nsd_tolerance_mm=args.nsd_tolerance_mm)
       source = document["source"]
       title = (f"{source['split']} split, {len(document['cases'])} volumes, checkpoint step "
                f"{source['checkpoint_step']} ({source['which']})")
@@ -87,6 +106,8 @@ def main(argv):
       document = evaluation.evaluate_folders(
           args.pred, args.ref, args.out,
           small_lesion_mm=28.0 if args.small_lesion_mm is None else args.small_lesion_mm,
+          nsd_tolerance_mm=(evaluation.DEFAULT_NSD_TOLERANCE if args.nsd_tolerance_mm is None
+                            else args.nsd_tolerance_mm),
           overlays=args.overlays, images=args.images)
       out = args.out
       title = f"{len(document['cases'])} volumes"
@@ -94,7 +115,8 @@ def main(argv):
     print("stopped by Ctrl-C; no results written", file=sys.stderr)
     return 130
   print(f"{title} (results in {out}):")
-  print(evaluation.format_table(document), flush=True)
+  print(evaluation.format_table(document, args.metrics or evaluation.TABLE_METRICS),
+        flush=True)
   return 0
 
 

@@ -5,7 +5,8 @@ The public API (SPEC.md):
   apply(variables, images, config, train=False) -> logits (N, H, W, num_classes)
   preprocess(hu, config=None) -> the HU window and scaling of the config
   load(workdir, which="latest") -> (config, variables) from a training run's checkpoint
-  metrics.segmentation_metrics(pred, ref, spacing) -> DSC, VOE, RVD, ASSD, MSSD, RMSD
+  metrics.segmentation_metrics(pred, ref, spacing, nsd_tolerance=2.0)
+      -> DSC, VOE, RVD, ASSD, MSSD, RMSD, HD95, NSD
 
 Attributes are imported on first use, so that command-line tools which never touch JAX
 (the data checker, the converters) start quickly.

@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"                                # compute dtype; params float32
   c.model.init_std = 0.05                                  # truncated normal, section II.E
   c.model.bias_init = 0.1
+  c.model.remat = False                                    # recompute encoder stages in backward
 
   c.data = ml_collections.ConfigDict()
   c.data.root = "data/lits"
@@ -94,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.largest_liver_component = False                   # post-processing, off as in paper
   c.eval.tumor_inside_liver = False
   c.eval.small_lesion_mm = 28.0                            # 28 x 28 mm^2 small-object bound
+  c.eval.nsd_tolerance_mm = 2.0                            # NSD tolerance: ~2 in-plane voxels
   return c
 
 
@@ -193,6 +195,8 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   need(c.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
   need(0 < c.eval.small_lesion_mm < math.inf, "eval.small_lesion_mm", "must be positive and finite")
+  need(0 <= c.eval.nsd_tolerance_mm < math.inf, "eval.nsd_tolerance_mm",
+       "must be non-negative and finite")
 
 
 def _finite_number(value) -> bool:

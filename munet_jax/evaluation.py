@@ -8,7 +8,10 @@ asks. Beyond SPEC's results.json, the document holds:
   - "lesion_detection": tumour detection by lesion size (`munet_jax.lesions`), pooled
     over cases, and per case "lesions" with the counts it is pooled from;
   - per case "voxels": |A∩B|, |B|, |A| per target (what global Dice is pooled from);
-  - "source": what was scored (workdir, checkpoint step, split, data or folders).
+  - per case and target also "rmsd", "hd95" (mm) and "nsd" (a fraction, at
+    `eval.nsd_tolerance_mm`), and the summary of each;
+  - "source": what was scored (workdir, checkpoint step, split, data or folders, and the
+    NSD tolerance).
 
 Volumes are scored in RAS order (`nifti.to_ras`), "spacing" being RAS-ordered too; the
 metrics do not depend on the axis order, and lesion sizes need the axial axis.
@@ -29,14 +32,30 @@ import numpy as np
 from munet_jax.atomic import atomic_output
 from munet_jax.errors import UserError
 from munet_jax.lesions import SIZE_CLASSES, lesion_detection
-from munet_jax.metrics import segmentation_metrics
+from munet_jax.metrics import DEFAULT_NSD_TOLERANCE, METRIC_NAMES, segmentation_metrics
 
 TARGETS = {"liver": lambda labels: labels > 0, "tumor": lambda labels: labels == 2}
-METRICS = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")
+METRICS = METRIC_NAMES   # per case and target, and summarised
+TABLE_METRICS = ("dsc", "voe", "rvd", "assd", "mssd")   # the paper's table, by default
+# Each metric's column: scale (fractions in %, distances in mm) and header.
+_COLUMNS = {"dsc": (100, "DSC %"), "voe": (100, "VOE %"), "rvd": (100, "RVD %"),
+            "assd": (1, "ASSD mm"), "mssd": (1, "MSSD mm"), "rmsd": (1, "RMSD mm"),
+            "hd95": (1, "HD95 mm"), "nsd": (100, "NSD %")}
+
+
+def table_metrics(text: str) -> tuple[str, ...]:
+  """The metrics of a comma-separated list such as 'dsc,assd,hd95,nsd', checked."""
+  names = tuple(name.strip().lower() for name in text.split(",") if name.strip())
+  unknown = [name for name in names if name not in _COLUMNS]
+  if unknown or not names:
+    raise UserError(f"unknown metric(s) {', '.join(unknown) or repr(text)}; choose from "
+                    f"{','.join(METRICS)}")
+  return names
 
 
 def score_case(name: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-               small_lesion_mm: float = 28.0) -> dict:
+               small_lesion_mm: float = 28.0,
+               nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE) -> dict:
   """One entry of results.json's "cases".
 
   Args:
@@ -45,6 +64,7 @@ def score_case(name: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[f
     spacing: (3,) voxel size in mm, in the arrays' axis order.
     small_lesion_mm: lesions whose largest axial cross-section is below this squared
       (mm^2) are small.
+    nsd_tolerance_mm: the tolerance of the normalised surface Dice ("nsd"), in mm.
   """
   pred, ref = np.asarray(pred), np.asarray(ref)
   if pred.shape != ref.shape:
@@ -53,7 +73,8 @@ def score_case(name: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[f
   voxels = {}
   for target, select in TARGETS.items():
     p, r = select(pred), select(ref)
-    entry[target] = {k: float(v) for k, v in segmentation_metrics(p, r, spacing).items()}
+    scores = segmentation_metrics(p, r, spacing, nsd_tolerance=nsd_tolerance_mm)
+    entry[target] = {k: float(v) for k, v in scores.items()}
     voxels[target] = {"both": int(np.count_nonzero(p & r)), "pred": int(np.count_nonzero(p)),
                       "ref": int(np.count_nonzero(r))}
   entry["voxels"] = voxels
@@ -146,18 +167,21 @@ def _percent(v) -> str:
   return "-" if v is None else f"{100 * v:.2f}"
 
 
-def format_table(document: dict) -> str:
+def format_table(document: dict, metrics: Sequence[str] = TABLE_METRICS) -> str:
   """The paper's table (mean ± std; DSC / VOE / RVD in %, ASSD / MSSD in mm), global Dice
-  and, when the document has it, the lesion detection table."""
+  and, when the document has it, the lesion detection table.
+
+  `metrics` picks the table's columns (also "rmsd", "hd95" in mm and "nsd" in %); a
+  metric the document's summary lacks (an older results file) shows as "-".
+  """
   summary = document["summary"]
-  columns = (("dsc", 100, "DSC %"), ("voe", 100, "VOE %"), ("rvd", 100, "RVD %"),
-             ("assd", 1, "ASSD mm"), ("mssd", 1, "MSSD mm"))
+  columns = [(m, *_COLUMNS[m]) for m in metrics]
   rows, fewer = [], []
   for target, title in (("liver", "liver"), ("tumor", "tumour")):
     cells = []
     n = summary[target]["dsc"]["n"]   # DSC is finite for every volume
     for metric, scale, header in columns:
-      s = summary[target][metric]
+      s = summary[target].get(metric, {"mean": None, "n": n})
       cells.append("-" if s["mean"] is None else
                    f"{s['mean'] * scale:.2f} ± {s['std'] * scale:.2f}")
       if s["n"] < n:
@@ -201,9 +225,9 @@ def _bar(items, desc: str, progress: bool | None):
               disable=None if progress is None else not progress)
 
 
-def _scored_case(name, pred_ras, ref_ras, spacing, small_lesion_mm, overlays, overlay_dir,
-                 hu_ras, window):
-  entry = score_case(name, pred_ras, ref_ras, spacing, small_lesion_mm)
+def _scored_case(name, pred_ras, ref_ras, spacing, small_lesion_mm, nsd_tolerance_mm,
+                 overlays, overlay_dir, hu_ras, window):
+  entry = score_case(name, pred_ras, ref_ras, spacing, small_lesion_mm, nsd_tolerance_mm)
   if overlays:
     from munet_jax.overlays import write_case_overlays
     write_case_overlays(overlay_dir, name, hu_ras, pred_ras, ref_ras, spacing, overlays, window)
@@ -213,6 +237,7 @@ def _scored_case(name, pred_ras, ref_ras, spacing, small_lesion_mm, overlays, ov
 def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
                  which: str = "latest", out: str | None = None, overlays: int = 0,
                  batch_size: int | None = None, small_lesion_mm: float | None = None,
+                 nsd_tolerance_mm: float | None = None,
                  progress: bool | None = None) -> tuple[dict, str]:
   """Segments and scores the volumes of one split with a training run's checkpoint.
 
@@ -226,6 +251,7 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
     overlays: overlay PNGs per case (0: none), in `eval/overlays` next to `out`.
     batch_size: slices per batch; the run's `eval.batch_size` when None.
     small_lesion_mm: the small-lesion bound; the run's `eval.small_lesion_mm` when None.
+    nsd_tolerance_mm: the NSD tolerance; the run's `eval.nsd_tolerance_mm` when None.
     progress: progress bar over volumes; None: only on a terminal.
 
   Returns:
@@ -242,6 +268,8 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
   config.data.root = root  # the split's messages name the folder actually used
   if small_lesion_mm is not None:
     config.eval.small_lesion_mm = float(small_lesion_mm)
+  if nsd_tolerance_mm is not None:
+    config.eval.nsd_tolerance_mm = float(nsd_tolerance_mm)
   cases = find_cases(root)
   chosen = cases if split == "all" else split_cases(cases, config)[split]
   if not chosen:
@@ -276,11 +304,13 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
       hu, ref, spacing = loaded
       pred = segmenter(hu)
       entries.append(_scored_case(case.name, pred, ref, spacing, config.eval.small_lesion_mm,
-                                  overlays, overlay_dir, hu, config.data.hu_window))
+                                  config.eval.nsd_tolerance_mm, overlays, overlay_dir, hu,
+                                  config.data.hu_window))
   if not entries:
     raise UserError(f"{root}: every case of the '{split}' split was skipped as bad")
   source = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "which": which,
-            "data": os.path.abspath(root), "split": split}
+            "data": os.path.abspath(root), "split": split,
+            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
   if skipped:
     source["skipped"] = skipped
   document = results(entries, source)
@@ -363,6 +393,7 @@ def _check_same_grid(volume, reference, what: str = "prediction") -> None:
 
 
 def evaluate_folders(pred: str, ref: str, out: str, small_lesion_mm: float = 28.0,
+                     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE,
                      overlays: int = 0, images: str | None = None,
                      window: Sequence[float] = (-250.0, 250.0),
                      progress: bool | None = None) -> dict:
@@ -372,6 +403,7 @@ def evaluate_folders(pred: str, ref: str, out: str, small_lesion_mm: float = 28.
     pred, ref: folders of label files (0/1/2), or two files (see `label_pairs`).
     out: the results .json file, written atomically.
     small_lesion_mm: the small-lesion bound (its square, mm^2, is the area bound).
+    nsd_tolerance_mm: the tolerance of the normalised surface Dice, in mm.
     overlays: overlay PNGs per case (0: none), in `overlays/` next to `out`.
     images: a folder of the CT volumes, for the overlays' background (optional).
     window: HU window of the overlays.
@@ -409,9 +441,10 @@ def evaluate_folders(pred: str, ref: str, out: str, small_lesion_mm: float = 28.
   entries = []
   with _bar(pairs, "evaluate", progress) as bar:
     for (case, _, _), (p, r, spacing, hu) in zip(bar, prefetch(read(x) for x in pairs)):
-      entries.append(_scored_case(case, p, r, spacing, small_lesion_mm, overlays, overlay_dir,
-                                  hu, window))
-  source = {"pred": os.path.abspath(pred), "ref": os.path.abspath(ref)}
+      entries.append(_scored_case(case, p, r, spacing, small_lesion_mm, nsd_tolerance_mm,
+                                  overlays, overlay_dir, hu, window))
+  source = {"pred": os.path.abspath(pred), "ref": os.path.abspath(ref),
+            "nsd_tolerance_mm": float(nsd_tolerance_mm)}
   document = results(entries, source)
   write_json(out, document)
   return document

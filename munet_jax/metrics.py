@@ -1,15 +1,16 @@
-"""Overlap and surface-distance metrics of a segmentation against a reference (SPEC.md).
+"""Overlap and surface-distance metrics of a segmentation against a reference.
 
-`segmentation_metrics(pred, ref, spacing)` gives DSC, VOE, RVD, ASSD, MSSD and RMSD with
-exact Euclidean surface distances in physical units, in agreement with medpy 0.5.2
-(`dc`, `1 - jc`, `ravd`, `assd`, `hd`, connectivity 1) wherever medpy is defined.
+`segmentation_metrics(pred, ref, spacing)` gives DSC, VOE, RVD, ASSD, MSSD, RMSD, HD95
+and the normalised surface Dice (NSD) with exact Euclidean surface distances in physical
+units, in agreement with medpy 0.5.2 (`dc`, `1 - jc`, `ravd`, `assd`, `hd`, `hd95`,
+connectivity 1) wherever medpy is defined.
 
-How the distances are computed (all in one jitted JAX program, CPU or GPU):
+How the distances are computed (one jitted JAX program, CPU or GPU, then numpy):
 
 * Crop. Every surface voxel lies in the bounding box of ref ∪ pred, and a voxel just
   outside that box is outside both objects, so the surfaces and all nearest-surface
   searches can be done inside the box with "outside the box" meaning "background". This
-  also gives SPEC's rule that the array's edge counts as background.
+  also gives the rule that the array's edge counts as background.
 * Buckets. The box is padded with background up to a bucketed shape, so differently
   sized cases share one compiled program (`_bucket`); the loops run only over the box's
   true extent, so the padding costs memory but little time.
@@ -19,36 +20,45 @@ How the distances are computed (all in one jitted JAX program, CPU or GPU):
            line, from the last and next surface index (cumulative max/min): linear;
     pass 2 (axis b) g(p) = min_t f(p + t e_b) + s_b^2 t^2,  |t| <= r_b;
     pass 3 (axis c) D(p) = min_u g(p + u e_c) + s_c^2 u^2,  |u| <= r_c.
-  Each offset t of pass 2 is one fused elementwise update of the whole chunk (perfectly
-  vectorised). Pass 3 is needed only at the other surface's voxels: in big chunks (a
-  million voxels or more) where they are few (under 1/64: large, smooth objects), they
-  are gathered into a list and pass 3 reads g along c for them alone; otherwise it runs
-  densely like pass 2 (a dense step is so much cheaper per voxel than a gather on a CPU
-  that gathering pays off only then, and small boxes compile faster without it).
-  With windows r_b, r_c covering a physical radius r, the result is the exact distance to
-  the nearest surface voxel within the window; every surface voxel outside it is at least
-  min(s_b (r_b + 1), s_c (r_c + 1)) >= r away, so wherever the result is within that
-  bound it is exact. A chunk whose target voxels are not all within it is searched again
-  with a three times larger radius, up to the whole box, where the bound is infinite.
-  Both directions (distance to S(ref) at S(pred), and to S(pred) at S(ref)) run side by
-  side.
-* Chunks. The box is processed in chunks of a few planes along axis a (the box's longest
-  axis), so memory is the packed box (one byte a voxel) plus chunk-sized temporaries,
-  never anything quadratic. Pass 1 crosses chunks: a first, backward sweep records per
-  chunk the first surface plane after it; the main sweep carries the last one before it.
+  With windows r_b, r_c, the result is the exact distance to the nearest surface voxel
+  within the window; every surface voxel outside it is at least
+  min(s_b (r_b + 1), s_c (r_c + 1)) away, so wherever the result is within that bound it
+  is exact.
+* First window, everywhere. Passes 2 and 3 first run with a fixed window of
+  `_FIRST_WINDOW` voxels along b and c, unrolled, so XLA fuses each pass into one sweep
+  over the chunk: a cost per voxel that is the same for every case. Most surface
+  distances of a usable segmentation are settled there.
+* Bands, only where needed. The targets it does not settle (an island far from the
+  other surface, a bad boundary) are searched again band by band, a band being `_BAND`
+  planes along b of the chunk: passes 2 and 3 for that band alone with a radius that
+  grows threefold until every target of the band is settled (at most the whole box,
+  where the bound is infinite). A distant false positive thus costs the few bands it
+  lies in, not the whole chunk. Both directions (distance to S(ref) at S(pred), and to
+  S(pred) at S(ref)) run side by side.
+* Chunks. The box is processed in chunks of a few planes along axis a (the box's finest,
+  then longest axis), so memory is linear in the box: the packed box (one byte a voxel),
+  the per-chunk bookkeeping of pass 1 (at most one byte a voxel), the squared distance
+  at every voxel of the box (4 bytes, -1 off the surfaces; one value serves both
+  directions, as a voxel on both surfaces is 0 from either), and chunk-sized
+  temporaries. Pass 1 crosses chunks: a first, backward sweep records per chunk the
+  first surface plane after it; the main sweep carries the last one before it.
+* Statistics. numpy takes the surface voxels' values (float64 from there on): means,
+  maximum, the 95th percentile (numpy's linear interpolation, as medpy) and the count
+  within the NSD tolerance.
 
 Precision: squared distances are float32 sums of non-negative terms s_k^2 * i^2 (i an
 exact integer offset), so each is within about 3e-7 relative of the exact value, and so
 is their minimum (the window bound is tested with a 1e-6 relative margin, far above
-that rounding); square roots and all sums over voxels are float64 (a local
-`jax.enable_x64` scope, the rest of the process is untouched). Distances therefore agree
-with an exact float64 computation to better than 1e-6 relative.
+that rounding); square roots and all sums over voxels are float64. Distances therefore
+agree with an exact float64 computation to better than 1e-6 relative, and so do the
+percentile (an interpolation between two of them) and the means. NSD compares each
+distance with the tolerance: exact unless a distance is within that rounding of the
+tolerance (with spacings and tolerances of few binary digits, e.g. 0.5 mm and 2 mm, the
+float32 squares are exact and so are ties).
 
-Cost: with the box of N = n_a n_b n_c voxels and T surface voxels, time
-O(N r_b + T r_c) (dense pass 3: O(N (r_b + r_c))) where r_b, r_c are the window lengths
-in voxels, about the largest distance within a chunk (a few voxels for a fair
-segmentation; n_b and n_c at worst), and memory O(N) bytes: the packed box, a half byte
-a voxel of per-chunk bookkeeping and temporaries for one chunk.
+Cost: with the box of N voxels, time O(N) for the surfaces, pass 1 and the first window,
+plus O(n_band R) for each band searched again, n_band its voxels and R the radius in
+voxels that settles it (about its largest distance); memory O(N) as above.
 """
 
 from __future__ import annotations
@@ -63,23 +73,24 @@ import numpy as np
 
 from munet_jax.errors import UserError
 
-__all__ = ["METRIC_NAMES", "MetricsArgumentError", "segmentation_metrics", "surface"]
+__all__ = ["DEFAULT_NSD_TOLERANCE", "METRIC_NAMES", "MetricsArgumentError",
+           "segmentation_metrics", "surface"]
 
-METRIC_NAMES = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")  # the result's keys, in order
+METRIC_NAMES = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd", "hd95", "nsd")  # keys, in order
+DEFAULT_NSD_TOLERANCE = 2.0   # mm: about two in-plane voxels of abdominal CT (0.6-1 mm)
 
 _MIN_BUCKET = 32           # the smallest padded length of a box axis
 _CHUNK_VOXELS = 1 << 18    # per direction: 1 MiB of float32, about a CPU core's cache
-_MIN_CHUNK_PLANES = 8      # keeps the per-chunk bookkeeping at most 1/2 byte a voxel
+_MIN_CHUNK_PLANES = 4      # keeps the per-chunk bookkeeping at most 1/2 byte a voxel
 _MAX_CHUNK_PLANES = 16     # thin chunks: one far voxel widens the search for fewer others
 _FAR = 1 << 28             # "no surface voxel on this side" plane index
-_FIRST_RADIUS = 6.0        # voxels: most surface distances of a fair segmentation are less
+_FIRST_WINDOW = 6          # voxels: most surface distances of a fair segmentation are less
 _RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exceeds it
-_SPARSE_FRACTION = 64      # pass 3 gathers at the targets when under 1/64 of a chunk
-_GATHER_CHUNK = 1 << 20    # ... of at least this many voxels (both directions)
+_BAND = 8                  # planes along b searched again together when one needs more
 _REF, _PRED = 1, 2         # bits of the packed box
 
 # Number of times the kernel has been traced (compiled), per bucketed shape; tests read it.
-_TRACES: dict[tuple[tuple[int, int, int], int, bool, bool], int] = {}
+_TRACES: dict[tuple[tuple[int, int, int], int, bool, int, int], int] = {}
 
 
 class MetricsArgumentError(UserError, ValueError):
@@ -89,53 +100,70 @@ class MetricsArgumentError(UserError, ValueError):
 # ----------------------------------------------------------------------------- host side
 
 
-def segmentation_metrics(pred, ref, spacing: Sequence[float]) -> dict[str, float]:
-  """Overlap and surface-distance metrics of `pred` against `ref` (SPEC.md, "Metrics").
+def segmentation_metrics(pred, ref, spacing: Sequence[float],
+                         nsd_tolerance: float = DEFAULT_NSD_TOLERANCE) -> dict[str, float]:
+  """Overlap and surface-distance metrics of `pred` against `ref`.
 
   Args:
     pred: (X, Y) or (X, Y, Z) boolean array (numpy or jax; integer arrays count nonzero
       as True), the segmentation B.
     ref: boolean array of the same shape, the reference A.
     spacing: one positive voxel size per axis, in the arrays' axis order (e.g. mm).
+    nsd_tolerance: the tolerance tau of the normalised surface Dice, in the units of
+      `spacing` (non-negative).
 
   Returns:
-    {"dsc", "voe", "rvd"} as fractions and {"assd", "mssd", "rmsd"} in the units of
-    `spacing`, all Python floats. Surfaces are the voxels with a face neighbour outside
-    the object (the array's edge counts as outside); distances are exact Euclidean.
-    Both empty: dsc 1, voe 0, rvd 0, distances 0. One empty: dsc 0, voe 1, rvd -1 (pred
-    empty) or +inf (ref empty), distances +inf.
+    {"dsc", "voe", "rvd"} as fractions, {"assd", "mssd", "rmsd", "hd95"} in the units of
+    `spacing` and {"nsd"} as a fraction, all Python floats (keys in `METRIC_NAMES`'
+    order). Surfaces are the voxels with a face neighbour outside the object (the
+    array's edge counts as outside); distances are exact Euclidean, from each surface
+    voxel of one object to the nearest surface voxel of the other, both directions
+    pooled: hd95 is their 95th percentile (numpy's linear interpolation, as medpy's
+    `hd95`; MONAI's `compute_hausdorff_distance(percentile=95)` takes the larger of the
+    two directions' percentiles instead), nsd the fraction of them at most
+    `nsd_tolerance` (MONAI's `compute_surface_dice` without subvoxels).
+    Both empty: dsc 1, voe 0, rvd 0, distances 0, nsd 1. One empty: dsc 0, voe 1, rvd -1
+    (pred empty) or +inf (ref empty), distances +inf, nsd 0.
 
   Raises:
     MetricsArgumentError (a ValueError): shapes differ, not 2-D or 3-D, not boolean or
-      integer, or `spacing` is not one positive finite number per axis.
+      integer, `spacing` is not one positive finite number per axis, or `nsd_tolerance`
+      is not a non-negative finite number.
   """
   pred, ref, spacing = _check_arguments(pred, ref, spacing)
+  tolerance = _check_tolerance(nsd_tolerance)
   box_ref, box_pred = _bounding_box(ref), _bounding_box(pred)
   if box_ref is None and box_pred is None:
-    return dict(dsc=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0)
+    return dict(dsc=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0, hd95=0.0, nsd=1.0)
   if box_ref is None or box_pred is None:
     inf = math.inf
     return dict(dsc=0.0, voe=1.0, rvd=-1.0 if box_pred is None else inf,
-                assd=inf, mssd=inf, rmsd=inf)
+                assd=inf, mssd=inf, rmsd=inf, hd95=inf, nsd=0.0)
   box = tuple(slice(min(r.start, p.start), max(r.stop, p.stop))
               for r, p in zip(box_ref, box_pred))
   packed, spacing3, sizes, planes = _pack(ref[box], pred[box], spacing)
-  gather = 2 * planes * packed[0].size >= _GATHER_CHUNK
   with jax.enable_x64(True):   # float64 sums; this thread only, this call only
     out = _kernel(jnp.asarray(packed), jnp.asarray(spacing3, jnp.float64),
                   jnp.asarray(sizes, jnp.int32), planes=planes, flat=pred.ndim == 2,
-                  gather=gather)
+                  window=_FIRST_WINDOW, band=_BAND)
     out = jax.device_get(out)
-  volumes, n_surf, sum_d, sum_d2, max_d2 = out
+  volumes, n_surf, at_surface = out
   n_ref, n_pred, n_both = (int(v) for v in volumes)
   n_surf = int(n_surf[0]) + int(n_surf[1])
+  at_surface = at_surface[:sizes[0], :sizes[1], :sizes[2]]
+  d2 = at_surface[at_surface >= 0].astype(np.float64)
+  # Voxels on both surfaces hold one value (0) for two distances (both 0).
+  d2 = np.concatenate([d2, np.zeros(n_surf - d2.size)])
+  d = np.sqrt(d2)
   return dict(
       dsc=2.0 * n_both / (n_ref + n_pred),
       voe=1.0 - n_both / (n_ref + n_pred - n_both),
       rvd=(n_pred - n_ref) / n_ref,
-      assd=float(sum_d[0] + sum_d[1]) / n_surf,
-      mssd=math.sqrt(float(max(max_d2[0], max_d2[1]))),
-      rmsd=math.sqrt(float(sum_d2[0] + sum_d2[1]) / n_surf),
+      assd=float(d.mean()),
+      mssd=float(d.max()),
+      rmsd=math.sqrt(float(d2.mean())),
+      hd95=float(np.percentile(d, 95)),
+      nsd=int(np.count_nonzero(d <= tolerance)) / n_surf,
   )
 
 
@@ -195,6 +223,18 @@ def _check_arguments(pred, ref, spacing):
     raise MetricsArgumentError(
         f"segmentation_metrics: spacing must be positive and finite, got {spacing!r}")
   return pred, ref, tuple(float(v) for v in values)
+
+
+def _check_tolerance(tolerance) -> float:
+  try:
+    value = float(tolerance)
+  except (TypeError, ValueError):
+    value = math.nan
+  if not (math.isfinite(value) and value >= 0):
+    raise MetricsArgumentError(
+        f"segmentation_metrics: nsd_tolerance must be a non-negative finite number, "
+        f"got {tolerance!r}")
+  return value
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -300,9 +340,9 @@ def _chunk_surfaces(packed, start, planes, flat):
   return core, core & ~inner
 
 
-@functools.partial(jax.jit, static_argnames=("planes", "flat", "gather"))
-def _kernel(packed, spacing, sizes, planes, flat, gather=False):
-  """Counts and surface-distance sums of the packed box (see the module docstring).
+@functools.partial(jax.jit, static_argnames=("planes", "flat", "window", "band"))
+def _kernel(packed, spacing, sizes, planes, flat, window=_FIRST_WINDOW, band=_BAND):
+  """Volumes and the surface voxels' distances in the packed box (module docstring).
 
   Args:
     packed: (N_a + 2, N_b, N_c) uint8, bit 0 ref, bit 1 pred, planes 0 and N_a + 1 empty.
@@ -310,16 +350,18 @@ def _kernel(packed, spacing, sizes, planes, flat, gather=False):
     sizes: (3,) int32 extent of the box along a, b, c (the rest is padding).
     planes: planes in a chunk along a; N_a is a multiple of it.
     flat: a 2-D input; axis b is an added axis of length 1.
-    gather: compile the gathered pass 3 too (it only pays for big chunks, and costs
-      compilation time).
+    window: the first window along b and c, in voxels.
+    band: planes along b searched again together (N_b is a multiple of it, or it is
+      N_b's length).
 
   Returns:
-    [|ref|, |pred|, |ref ∩ pred|], and per direction (0: at S(pred) to S(ref), 1: at S(ref)
-    to S(pred)) the number of surface voxels, the sums of distances and of squared
-    distances and the largest squared distance.
+    [|ref|, |pred|, |ref ∩ pred|] (int64); [|S(pred)|, |S(ref)|] (int64); and (N_a, N_b,
+    N_c) float32: at each voxel of S(pred) ∪ S(ref) its squared distance to the other
+    surface, -1 elsewhere (a voxel on both surfaces is at 0 from either, so one value a
+    voxel stands for both directions).
   """
   shape = packed.shape
-  key = (shape, planes, flat, gather)
+  key = (shape, planes, flat, window, band)
   _TRACES[key] = _TRACES.get(key, 0) + 1
   chunks = (shape[0] - 2) // planes
   _, shape_b, shape_c = shape
@@ -350,10 +392,21 @@ def _kernel(packed, spacing, sizes, planes, flat, gather=False):
       0, used, first_after, (jnp.full((chunks, 2, shape_b, shape_c), none, stored),
                              jnp.full((2, shape_b, shape_c), far, jnp.int32)))
 
-  # The first search radius of passes 2 and 3 (physical units), in voxels of the finer
-  # of axes b and c (axis b of a 2-D input is not an image axis).
-  fine = jnp.minimum(jnp.where(n_b > 1, s2[1], jnp.inf), s2[2])
-  first_radius = _FIRST_RADIUS * jnp.sqrt(fine)
+  def static_window(x, axis, radius, s2_axis):
+    """min over |t| <= radius (a Python int) of x moved by t along `axis` (inf beyond) +
+    s2_axis t^2: unrolled, so XLA fuses it into one pass over x."""
+    n = x.shape[axis]
+    radius = min(radius, n - 1)
+    padding = [(0, 0)] * x.ndim
+    padding[axis] = (radius, radius)
+    padded = jnp.pad(x, padding, constant_values=jnp.inf)
+    out = x
+    for t in range(1, radius + 1):
+      # Rounding is monotone, so min(u, v) + w is min(u + w, v + w) exactly.
+      moved = jnp.minimum(jax.lax.slice_in_dim(padded, radius + t, radius + t + n, axis=axis),
+                          jax.lax.slice_in_dim(padded, radius - t, radius - t + n, axis=axis))
+      out = jnp.minimum(out, moved + jnp.float32(t * t) * s2_axis)
+    return out
 
   def window_pass(x, axis, radius, s2_axis):
     """min over |t| <= radius of x moved by t along `axis` (inf beyond) + s2_axis t^2."""
@@ -370,6 +423,21 @@ def _kernel(packed, spacing, sizes, planes, flat, gather=False):
 
     return jax.lax.fori_loop(0, 2 * radius + 1, shift, jnp.full_like(x, jnp.inf))
 
+  def window_bound(r_b, r_c):
+    """The squared distance below which a search with windows r_b, r_c is exact: every
+    source outside the window is at least this far (inf: the window covers the box)."""
+    outside_b = jnp.where(r_b < n_b - 1, s2[1] * jnp.asarray((r_b + 1) ** 2, jnp.float32),
+                          jnp.inf)
+    outside_c = jnp.where(r_c < n_c - 1, s2[2] * jnp.asarray((r_c + 1) ** 2, jnp.float32),
+                          jnp.inf)
+    # A relative margin well above float32 rounding keeps the test on the safe side.
+    return jnp.minimum(outside_b, outside_c) * (1.0 - 1e-6)
+
+  first_bound = window_bound(window, window)
+  # Physical radius of the first window, then of the first wider search.
+  first_radius = jnp.sqrt(jnp.minimum(jnp.where(n_b > 1, s2[1], jnp.inf), s2[2])) * (
+      window + 1) * _RADIUS_GROWTH
+
   def widening(distances, size):
     """Runs `distances(r_b, r_c) -> (d2, at_target)` with growing windows until exact.
 
@@ -384,73 +452,59 @@ def _kernel(packed, spacing, sizes, planes, flat, gather=False):
       r_b = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[1])), n_b - 1).astype(jnp.int32)
       r_c = jnp.minimum(jnp.ceil(radius / jnp.sqrt(s2[2])), n_c - 1).astype(jnp.int32)
       d2, at_target = distances(r_b, r_c)
-      outside_b = jnp.where(r_b < n_b - 1, s2[1] * ((r_b + 1) ** 2).astype(jnp.float32),
-                            jnp.inf)
-      outside_c = jnp.where(r_c < n_c - 1, s2[2] * ((r_c + 1) ** 2).astype(jnp.float32),
-                            jnp.inf)
-      # A relative margin well above float32 rounding keeps the test on the safe side.
-      bound = jnp.minimum(outside_b, outside_c) * (1.0 - 1e-6)
-      exact = jnp.all(~at_target | (d2 <= bound))
+      exact = jnp.all(~at_target | (d2 <= window_bound(r_b, r_c)))
       return radius * _RADIUS_GROWTH, d2, exact
 
     init = (first_radius, jnp.zeros(size, jnp.float32), jnp.bool_(False))
     _, d2, _ = jax.lax.while_loop(lambda state: ~state[2], widen, init)
     return d2
 
-  def totals(d2, at_target, direction):
-    """Per direction: target count, sum of distances and of squares, largest square."""
-    out = []
-    for k in (0, 1):
-      mask = at_target & (direction == k)
-      wide = jnp.where(mask, d2, 0.0).astype(jnp.float64)
-      out.append((jnp.sum(mask, dtype=jnp.int32), jnp.sum(jnp.sqrt(wide)), jnp.sum(wide),
-                  jnp.max(wide)))
-    return tuple(jnp.stack(parts) for parts in zip(*out))
-
   chunk_shape = (2, planes, shape_b, shape_c)
-  direction = jnp.arange(2, dtype=jnp.int32)[:, None, None, None]
-  sparse_size = max(1, math.prod(chunk_shape) // _SPARSE_FRACTION)
+  band = band if shape_b % band == 0 else shape_b
+  band_shape = (2, planes, band, shape_c)
 
-  def dense_search(f, target):
-    """Passes 2 and 3 at every voxel of the chunk."""
-    d2 = widening(lambda r_b, r_c: (window_pass(window_pass(f, 2, r_b, s2[1]), 3, r_c,
-                                                s2[2]), target), chunk_shape)
-    return totals(d2, target, direction)
+  def refine_bands(f, target, bad_bands, d2, update):
+    """Searches again, with growing windows, the bands of `band` planes along b that hold
+    a target the first window did not settle; `update(d2, band_d2, first_row)` puts a
+    band's exact squared distances into d2. Only those bands pay for long distances."""
+    def refine(d2):
+      padded = jnp.pad(f, [(0, 0), (0, 0), (shape_b, shape_b), (0, 0)],
+                       constant_values=jnp.inf)
+      order = jnp.nonzero(bad_bands, size=bad_bands.size, fill_value=0)[0]
+      return jax.lax.fori_loop(0, jnp.sum(bad_bands, dtype=jnp.int32),
+                               functools.partial(one, padded, order), d2)
 
-  def sparse_search(f, target):
-    """Pass 2 at every voxel, pass 3 only at the target voxels (gathered along c)."""
-    flat = jnp.nonzero(target.reshape(-1), size=sparse_size, fill_value=0)[0]
-    valid = jnp.arange(sparse_size) < jnp.sum(target, dtype=jnp.int32)
-    k, a, b, c = jnp.unravel_index(flat, chunk_shape)
-    start = ((k * planes + a) * shape_b + b) * (3 * shape_c) + shape_c + c
+    def one(padded, order, i, d2):
+      row = order[i] * band
+      at_target = jax.lax.dynamic_slice_in_dim(target, row, band, axis=2)
 
-    def distances(r_b, r_c):
-      g = window_pass(f, 2, r_b, s2[1])
-      padded = jnp.pad(g, [(0, 0)] * 3 + [(shape_c, shape_c)],
-                       constant_values=jnp.inf).reshape(-1)
+      def distances(r_b, r_c):
+        def shift(j, out):
+          t = j - r_b
+          moved = jax.lax.dynamic_slice_in_dim(padded, shape_b + row + t, band, axis=2)
+          t = t.astype(jnp.float32)
+          return jnp.minimum(out, moved + t * t * s2[1])
 
-      def shift(i, d2):
-        u = i - r_c
-        step = u.astype(jnp.float32)
-        return jnp.minimum(d2, padded[start + u] + step * step * s2[2])
+        g = jax.lax.fori_loop(0, 2 * r_b + 1, shift, jnp.full(band_shape, jnp.inf))
+        return window_pass(g, 3, r_c, s2[2]), at_target
 
-      d2 = jax.lax.fori_loop(0, 2 * r_c + 1, shift,
-                             jnp.full((sparse_size,), jnp.inf, jnp.float32))
-      return d2, valid
+      return update(d2, widening(distances, band_shape), row)
 
-    d2 = widening(distances, (sparse_size,))
-    return totals(d2, valid, k)
+    return jax.lax.cond(jnp.any(bad_bands), refine, lambda d2: d2, d2)
 
   def search(f, target):
-    """Per direction: the number of target voxels, the sums of their distances to the
-    nearest source voxel and of the squares, and the largest square."""
-    if not gather:
-      return dense_search(f, target)
-    few = jnp.sum(target, dtype=jnp.int32) <= sparse_size
-    return jax.lax.cond(few, sparse_search, dense_search, f, target)
+    """Passes 2 and 3: per direction, the squared distance to the nearest source voxel
+    (2, planes, N_b, N_c), exact at the targets."""
+    d2 = static_window(static_window(f, 2, window, s2[1]), 3, window, s2[2])
+    bad = target & ~(d2 <= first_bound)
+    bad_bands = jnp.any(bad.reshape(2, planes, shape_b // band, band, shape_c),
+                        axis=(0, 1, 3, 4))
+    return refine_bands(f, target, bad_bands, d2,
+                        lambda d2, d2_band, row: jax.lax.dynamic_update_slice_in_dim(
+                            d2, d2_band, row, axis=2))
 
   def chunk_step(j, carry):
-    last, volumes, count, sum_d, sum_d2, max_d2 = carry
+    last, volumes, count, listed = carry
     objects, source = _chunk_surfaces(packed, j * planes, planes, flat)
     # |ref|, |pred|, |ref ∩ pred|; int32 within a chunk, int64 across chunks.
     volumes = volumes + jnp.stack([jnp.sum(objects[0], dtype=jnp.int32),
@@ -470,11 +524,14 @@ def _kernel(packed, spacing, sizes, planes, flat, gather=False):
     f = jnp.where(gap < _FAR // 2, gap * gap * s2[0], jnp.inf)
     last = jnp.maximum(last, before[:, -1])
     # Passes 2 and 3, along b and c.
-    n, d, d2, top = search(f, target)
-    return (last, volumes, count + n, sum_d + d, sum_d2 + d2, jnp.maximum(max_d2, top))
+    d2 = search(f, target)
+    count = count + jnp.sum(target, axis=(1, 2, 3), dtype=jnp.int32)
+    d2 = jnp.where(target[0], d2[0], jnp.where(target[1], d2[1], -1.0))
+    listed = jax.lax.dynamic_update_slice_in_dim(listed, d2, j * planes, axis=0)
+    return last, volumes, count, listed
 
   init = (jnp.full((2, shape_b, shape_c), -far, jnp.int32), jnp.zeros(3, jnp.int64),
-          jnp.zeros(2, jnp.int64),
-          jnp.zeros(2, jnp.float64), jnp.zeros(2, jnp.float64), jnp.zeros(2, jnp.float64))
-  _, volumes, count, sum_d, sum_d2, max_d2 = jax.lax.fori_loop(0, used, chunk_step, init)
-  return volumes, count, sum_d, sum_d2, max_d2
+          jnp.zeros(2, jnp.int64), jnp.full((chunks * planes, shape_b, shape_c), -1.0,
+                                            jnp.float32))
+  _, volumes, count, listed = jax.lax.fori_loop(0, used, chunk_step, init)
+  return volumes, count, listed

@@ -163,7 +163,8 @@ def test_eval_workdir_other_data_root_and_split(run, tmp_path, capsys):
   shutil.copytree(data, other)
   status, out, err = _in_process(EVAL, ["--workdir", workdir, "--data", other, "--split", "all",
                                         "--out", tmp_path / "all.json",
-                                        "--small-lesion-mm", "5"], capsys)
+                                        "--small-lesion-mm", "5", "--nsd-tolerance-mm", "3",
+                                        "--metrics", "dsc,hd95,nsd"], capsys)
   assert status == 0, err
   document = json.loads((tmp_path / "all.json").read_text())
   assert [c["case"] for c in document["cases"]] == [f"volume-{i}" for i in range(4)]
@@ -171,6 +172,10 @@ def test_eval_workdir_other_data_root_and_split(run, tmp_path, capsys):
   assert document["lesion_detection"]["small_area_mm2"] == 25.0
   assert "small: largest axial area < 5 x 5 mm²" in out
   assert "all split, 4 volumes" in out
+  assert document["source"]["nsd_tolerance_mm"] == 3.0
+  head = next(line for line in out.splitlines() if "DSC %" in line)
+  assert head.split() == ["DSC", "%", "HD95", "mm", "NSD", "%", "n"]
+  assert all({"hd95", "nsd"} <= set(c["liver"]) for c in document["cases"])
 
 
 def test_a_damaged_newest_checkpoint_falls_back_with_a_one_line_warning(tmp_path, caplog):
@@ -229,6 +234,8 @@ EVAL_BAD = [
     (["--workdir", "{run}", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--workdir", "{run}", "--ref", "{t}/ref"], "--ref goes with --pred"),
     (["--workdir", "{run}", "--overlays", "-1"], "--overlays must be >= 0"),
+    (["--workdir", "{run}", "--metrics", "dsc,hd99"], "--metrics: unknown metric(s) hd99"),
+    (["--workdir", "{run}", "--nsd-tolerance-mm", "-1"], "--nsd-tolerance-mm must be"),
     (["--pred", "{t}/pred", "--ref", "{t}/ref"], "needs --ref R and --out"),
     (["--pred", "{t}/pred", "--ref", "{t}/ref", "--out", "{t}/o.txt"], "o.txt: --out must be"),
     (["--pred", "{t}/pred", "--ref", "{t}/ref", "--out", "{t}/o.json", "--split", "val"],

@@ -75,6 +75,7 @@ def test_integer_override_of_a_float_field_is_accepted():
     ("train.weight_decay=-0.003", "train.weight_decay"),
     ("data.prefetch=-1", "data.prefetch"),
     ("eval.small_lesion_mm=-3", "eval.small_lesion_mm"),
+    ("eval.nsd_tolerance_mm=-0.5", "eval.nsd_tolerance_mm"),
     ("model=3", "model"),
 ])
 def test_bad_override_is_a_user_error_naming_the_key(override, key):

@@ -33,7 +33,22 @@ def test_score_case_scores_liver_as_labels_1_and_2_and_tumour_as_label_2():
   assert entry["tumor"]["dsc"] == 0.0 and entry["tumor"]["rvd"] == -1.0
   assert entry["voxels"]["tumor"] == {"both": 0, "pred": 0, "ref": 4}
   assert entry["spacing"] == [1.0, 1.0, 2.0]
-  assert set(entry["liver"]) == {"dsc", "voe", "rvd", "assd", "mssd", "rmsd"}
+  assert set(entry["liver"]) == {"dsc", "voe", "rvd", "assd", "mssd", "rmsd", "hd95", "nsd"}
+  assert entry["liver"]["hd95"] == 0.0 and entry["liver"]["nsd"] == 1.0
+  assert entry["tumor"]["hd95"] == float("inf") and entry["tumor"]["nsd"] == 0.0
+
+
+def test_score_case_passes_the_nsd_tolerance():
+  # A 8 x 8 x 3 block against the same block one voxel wider along axis 0 (1 mm):
+  # S(pred) voxels on the moved face are 1 mm from S(ref), all others 0 mm.
+  ref, pred = _labels(), _labels()
+  ref[2:10, 2:10, 1:4] = 1
+  pred[2:11, 2:10, 1:4] = 1
+  spacing = (1.0, 1.0, 2.0)
+  moved = evaluation.score_case("a", pred, ref, spacing, nsd_tolerance_mm=0.5)["liver"]
+  within = evaluation.score_case("a", pred, ref, spacing, nsd_tolerance_mm=1.0)["liver"]
+  assert within["nsd"] == 1.0 and 0.0 < moved["nsd"] < 1.0
+  assert moved["hd95"] == within["hd95"]
 
 
 def test_non_finite_values_are_null_in_json_and_left_out_of_the_summary():
@@ -48,9 +63,12 @@ def test_non_finite_values_are_null_in_json_and_left_out_of_the_summary():
   back = json.loads(text)
   fp = back["cases"][0]["tumor"]
   assert fp["rvd"] is None and fp["assd"] is None and fp["mssd"] is None and fp["dsc"] == 0.0
+  assert fp["hd95"] is None and fp["nsd"] == 0.0
   summary = back["summary"]["tumor"]
   assert summary["assd"] == {"mean": 0.0, "std": 0.0, "n": 1}   # only the both-empty case
   assert summary["dsc"] == {"mean": 0.5, "std": 0.5, "n": 2}
+  assert summary["hd95"] == {"mean": 0.0, "std": 0.0, "n": 1}
+  assert summary["nsd"] == {"mean": 0.5, "std": 0.5, "n": 2}
 
 
 def test_summary_is_mean_and_population_std_over_cases():
@@ -125,6 +143,32 @@ def test_format_table_prints_percent_and_mm_rows_and_detection():
   assert "global Dice: liver" in table and "tumour detection" in table
   small = next(line for line in table.splitlines() if line.startswith("small"))
   assert small.split() == ["small", "0", "0", "-", "-", "-"]
+
+
+def test_format_table_takes_the_metrics_asked_for():
+  ref, pred = _labels(), _labels()
+  ref[2:10, 2:10, 1:4] = 1
+  pred[2:11, 2:10, 1:4] = 1
+  document = evaluation.results([evaluation.score_case("a", pred, ref, (1.0, 1.0, 2.0),
+                                                       nsd_tolerance_mm=0.5)])
+  head, _, liver = evaluation.format_table(
+      document, evaluation.table_metrics("dsc, HD95,nsd")).splitlines()[:3]
+  assert head.split() == ["DSC", "%", "HD95", "mm", "NSD", "%", "n"]
+  s = document["summary"]["liver"]
+  assert liver.split()[1:] == [f"{100 * s['dsc']['mean']:.2f}", "±", "0.00",
+                               f"{s['hd95']['mean']:.2f}", "±", "0.00",
+                               f"{100 * s['nsd']['mean']:.2f}", "±", "0.00", "1"]
+  assert 0 < s["nsd"]["mean"] < 1 and s["hd95"]["mean"] > 0
+  default = evaluation.format_table(document).splitlines()[0]
+  assert default.split()[::2] == ["DSC", "VOE", "RVD", "ASSD", "MSSD", "n"]
+  # An older results file without these keys shows "-".
+  del document["summary"]["liver"]["nsd"]
+  liver = evaluation.format_table(document, ("dsc", "nsd")).splitlines()[2]
+  assert liver.split()[-2:] == ["-", "1"]
+  with pytest.raises(UserError, match="unknown metric.*hd99"):
+    evaluation.table_metrics("dsc,hd99")
+  with pytest.raises(UserError, match="unknown metric"):
+    evaluation.table_metrics(" , ")
 
 
 def test_format_table_says_which_means_leave_volumes_out():

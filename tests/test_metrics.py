@@ -20,7 +20,7 @@ from munet_jax import metrics
 from munet_jax.errors import UserError
 from munet_jax.metrics import segmentation_metrics
 
-KEYS = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd")
+KEYS = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd", "hd95", "nsd")
 SHAPES_2D = ((24, 32), (32, 20), (13, 29))
 SHAPES_3D = ((16, 16, 16), (20, 12, 28), (30, 9, 14), (8, 24, 10))
 
@@ -32,29 +32,55 @@ def medpy_metrics(pred, ref, spacing):
   return dict(dsc=medpy_binary.dc(pred, ref), voe=1.0 - medpy_binary.jc(pred, ref),
               rvd=medpy_binary.ravd(pred, ref),
               assd=medpy_binary.assd(pred, ref, voxelspacing=spacing, connectivity=1),
-              mssd=medpy_binary.hd(pred, ref, voxelspacing=spacing, connectivity=1))
+              mssd=medpy_binary.hd(pred, ref, voxelspacing=spacing, connectivity=1),
+              hd95=medpy_binary.hd95(pred, ref, voxelspacing=spacing, connectivity=1))
 
 
 def scipy_distances(pred, ref, spacing):
-  """ASSD, MSSD, RMSD from SPEC's definitions with scipy: surfaces by erosion with the
-  face (cross) neighbourhood and the array's edge as background, exact EDT."""
+  """ASSD, MSSD, RMSD, HD95 and the pooled distances from the definitions, with scipy:
+  surfaces by erosion with the face (cross) neighbourhood and the array's edge as
+  background, exact float64 EDT."""
   cross = ndimage.generate_binary_structure(pred.ndim, 1)
   def surface(x):
     return x & ~ndimage.binary_erosion(x, structure=cross, border_value=0)
   s_pred, s_ref = surface(pred), surface(ref)
   d = np.concatenate([ndimage.distance_transform_edt(~s_ref, sampling=spacing)[s_pred],
                       ndimage.distance_transform_edt(~s_pred, sampling=spacing)[s_ref]])
-  return dict(assd=d.mean(), mssd=d.max(), rmsd=math.sqrt(np.mean(d * d)))
+  return dict(assd=d.mean(), mssd=d.max(), rmsd=math.sqrt(np.mean(d * d)),
+              hd95=np.percentile(d, 95), distances=d)
+
+
+def reference_nsd(d, tolerance):
+  """The normalised surface Dice from the pooled distances of both directions."""
+  return np.count_nonzero(d <= tolerance) / d.size
+
+
+def separated_tolerance(d):
+  """A tolerance near the median distance, halfway across the widest relative gap
+  between neighbouring distinct distances there: every distance is then at least half
+  that gap (far more than float32 rounding) from it, so the count has no ties."""
+  values = np.unique(d)
+  if values.size < 2:
+    return float(values[0]) + 1.0
+  lo, hi = values.size // 4, max(values.size // 4 + 1, 3 * values.size // 4)
+  gaps = (values[lo + 1:hi + 1] - values[lo:hi]) / values[lo + 1:hi + 1]
+  i = lo + int(np.argmax(gaps))
+  return float(values[i] + values[i + 1]) / 2
 
 
 def assert_agrees(pred, ref, spacing, label):
-  ours = segmentation_metrics(pred, ref, spacing)
-  want = medpy_metrics(pred, ref, spacing)
   ref_d = scipy_distances(pred, ref, spacing)
+  tolerance = separated_tolerance(ref_d["distances"])
+  ours = segmentation_metrics(pred, ref, spacing, nsd_tolerance=tolerance)
+  want = medpy_metrics(pred, ref, spacing)
+  # Distances agree with float64 to 1e-6 relative (float32 squares, see metrics.py),
+  # and so do their means, maxima and percentiles (interpolations between two of them).
   for key, value in list(want.items()) + [("rmsd", ref_d["rmsd"])]:
     assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-12), (label, key, ours, value)
-  for key in ("assd", "mssd"):
+  for key in ("assd", "mssd", "hd95"):
     assert ours[key] == pytest.approx(ref_d[key], rel=1e-6, abs=1e-12), (label, key)
+  # No distance is within rounding of the tolerance: the count must be exact.
+  assert ours["nsd"] == reference_nsd(ref_d["distances"], tolerance), (label, tolerance)
 
 
 # ----------------------------------------------------------------------- case makers
@@ -202,9 +228,27 @@ def case_far(rng):
   return pred, ref
 
 
+def case_islands(rng):
+  """A fair prediction of a blob plus false-positive islands, one of them far away or
+  many small ones (a poor prediction): a few long distances among many short ones."""
+  shape = random_shape(rng)
+  ref = nonempty(rng, blob(rng, shape, fill=rng.uniform(0.1, 0.3), sigma=2.0))
+  pred = ref.copy()
+  if rng.random() < 0.5:
+    pred = ndimage.binary_dilation(ref) if rng.random() < 0.5 else ndimage.binary_erosion(ref)
+  count = 1 if rng.random() < 0.4 else int(rng.integers(5, 30))
+  for _ in range(count):
+    corner = [int(rng.integers(n)) for n in shape]
+    size = [int(rng.integers(1, 3)) for _ in shape]
+    (pred if rng.random() < 0.8 else ref)[tuple(slice(c, c + k)
+                                               for c, k in zip(corner, size))] = True
+  return nonempty(rng, pred), ref
+
+
 FAMILIES = {"blobs": case_blobs, "components": case_components, "edges": case_edges,
-            "thin": case_thin, "nested": case_nested, "far": case_far}
-CASES_PER_FAMILY = 40   # 240 cases in all
+            "thin": case_thin, "nested": case_nested, "far": case_far,
+            "islands": case_islands}
+CASES_PER_FAMILY = 40   # 280 cases in all
 
 
 def family_cases(family):
@@ -243,13 +287,17 @@ def test_chunked_sweep_agrees_with_medpy(monkeypatch):
     assert_agrees(pred, ref, spacing, ("chunked", i))
 
 
-def test_gathered_last_pass_agrees_with_medpy(monkeypatch):
-  # Big chunks gather pass 3 at the target voxels when these are few; force it here.
-  monkeypatch.setattr(metrics, "_GATHER_CHUNK", 0)
-  for family in ("nested", "far", "components"):
+@pytest.mark.parametrize("window, band", [(1, 8), (0, 32)])
+def test_bands_searched_again_agree_with_medpy(monkeypatch, window, band):
+  # A first window of 0 or 1 voxels settles few targets: nearly every distance then
+  # comes from the bands searched again (8 or 32 planes along b, one band or several per
+  # chunk), with their radii grown.
+  monkeypatch.setattr(metrics, "_FIRST_WINDOW", window)
+  monkeypatch.setattr(metrics, "_BAND", band)
+  for family in ("islands", "far", "blobs", "thin"):
     for i, pred, ref, spacing in family_cases(family):
-      if i < 15:
-        assert_agrees(pred, ref, spacing, ("gathered", family, i))
+      if i < 12:
+        assert_agrees(pred, ref, spacing, ("bands", window, band, family, i))
 
 
 @pytest.mark.slow
@@ -280,7 +328,7 @@ def test_both_empty():
   for shape in ((7, 9), (4, 5, 6), (0, 5)):
     empty = np.zeros(shape, bool)
     assert segmentation_metrics(empty, empty, (1.0,) * len(shape)) == dict(
-        dsc=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0)
+        dsc=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0, hd95=0.0, nsd=1.0)
   # medpy 0.5.2 is undefined here: its dc divides numpy integers, giving NaN (not its
   # documented 1.0); its jc gives 1.0, as SPEC's VOE 0.
   empty = np.zeros((7, 9), bool)
@@ -297,13 +345,56 @@ def test_one_empty(ndim):
   some[(2,) * ndim] = True
   inf = math.inf
   assert segmentation_metrics(empty, some, spacing) == dict(
-      dsc=0.0, voe=1.0, rvd=-1.0, assd=inf, mssd=inf, rmsd=inf)
+      dsc=0.0, voe=1.0, rvd=-1.0, assd=inf, mssd=inf, rmsd=inf, hd95=inf, nsd=0.0)
   assert segmentation_metrics(some, empty, spacing) == dict(
-      dsc=0.0, voe=1.0, rvd=inf, assd=inf, mssd=inf, rmsd=inf)
+      dsc=0.0, voe=1.0, rvd=inf, assd=inf, mssd=inf, rmsd=inf, hd95=inf, nsd=0.0)
   # medpy agrees where it is defined, and raises for the distances.
   assert medpy_binary.dc(empty, some) == 0.0 and medpy_binary.ravd(empty, some) == -1.0
   with pytest.raises(RuntimeError):
     medpy_binary.assd(empty, some, spacing)
+
+
+def test_hd95_pools_both_directions_as_medpy():
+  # Pred is ref plus an island: from S(pred) to S(ref) a few island voxels are far, from
+  # S(ref) to S(pred) all are 0. The pooled 95th percentile (medpy's hd95) and the larger
+  # of the two directed ones (another common definition) differ here.
+  ref = np.zeros((40, 30), bool)
+  ref[5:35, 5:25] = True
+  pred = ref.copy()
+  pred[0:3, 27:30] = True
+  d = scipy_distances(pred, ref, (1.0, 1.0))["distances"]
+  surf_pred = metrics.surface(pred).sum()
+  directed = max(np.percentile(d[:surf_pred], 95), np.percentile(d[surf_pred:], 95))
+  pooled = np.percentile(d, 95)
+  assert pooled != pytest.approx(directed, rel=1e-3)
+  got = segmentation_metrics(pred, ref, (1.0, 1.0))["hd95"]
+  assert got == pytest.approx(pooled, rel=1e-6)
+  assert got == pytest.approx(medpy_binary.hd95(pred, ref, (1.0, 1.0), 1), rel=1e-6)
+
+
+def test_nsd_counts_distances_equal_to_the_tolerance():
+  # A box shifted by 4 voxels of 0.5 mm along axis 0: the moved faces are exactly 2 mm
+  # from the other surface. With spacings and tolerances of few binary digits the float32
+  # squares are exact, so the tie is decided exactly: d <= tolerance counts.
+  ref = np.zeros((24, 16, 12), bool)
+  ref[4:14, 3:12, 2:9] = True
+  pred = np.roll(ref, 4, axis=0)
+  spacing = (0.5, 0.75, 1.25)
+  d = scipy_distances(pred, ref, spacing)["distances"]
+  assert np.any(d == 2.0)
+  at = segmentation_metrics(pred, ref, spacing, nsd_tolerance=2.0)["nsd"]
+  below = segmentation_metrics(pred, ref, spacing, nsd_tolerance=np.nextafter(2.0, 0))["nsd"]
+  assert at == reference_nsd(d, 2.0) and below == reference_nsd(d, np.nextafter(2.0, 0))
+  assert at > below
+  assert segmentation_metrics(pred, ref, spacing, nsd_tolerance=0.0)["nsd"] == \
+      reference_nsd(d, 0.0) > 0
+
+
+@pytest.mark.parametrize("tolerance", [-1.0, math.nan, math.inf, "a", None])
+def test_bad_nsd_tolerance_is_a_value_error(tolerance):
+  mask = np.ones((4, 5), bool)
+  with pytest.raises(ValueError, match="nsd_tolerance"):
+    segmentation_metrics(mask, mask, (1.0, 1.0), nsd_tolerance=tolerance)
 
 
 def test_array_edge_counts_as_outside():
@@ -364,7 +455,8 @@ def test_accepts_jax_integer_and_strided_arrays():
   rng = np.random.default_rng(4)
   pred, ref = blob(rng, (24, 32)), blob(rng, (24, 32))
   want = segmentation_metrics(pred, ref, (0.5, 2.0))
-  assert set(want) == set(KEYS) and all(type(v) is float for v in want.values())
+  assert tuple(want) == KEYS == metrics.METRIC_NAMES
+  assert all(type(v) is float for v in want.values())
   for p, r, s in ((jnp.asarray(pred), jnp.asarray(ref), jnp.asarray([0.5, 2.0])),
                   (pred.astype(np.uint8), ref.astype(np.int32), np.array([0.5, 2.0])),
                   (np.asfortranarray(pred), ref.copy(order="F"), [0.5, 2.0])):
@@ -409,24 +501,27 @@ def test_one_compilation_per_bucket(group):
     pred, ref = rng.random(shape) < 0.5, rng.random(shape) < 0.5
     pred[0, 0, 0] = ref[-1, -1, -1] = True          # the box is the whole array
     packed, _, _, planes = metrics._pack(ref, pred, spacing)
-    keys.add((packed.shape, planes, False, False))
+    keys.add((packed.shape, planes, False, metrics._FIRST_WINDOW, metrics._BAND))
     assert_agrees(pred, ref, spacing, shape)
   assert len(keys) == 1
   assert metrics._TRACES[keys.pop()] == 1
 
 
 def test_memory_grows_linearly_with_the_box():
-  # Compiled temporaries for boxes 128 and 512 planes long, in chunks of 64 planes:
-  # a constant for the chunk's work, plus bookkeeping well under a byte per box voxel.
-  temps = []
+  # Compiled temporaries and outputs for boxes 128 and 512 planes long, in chunks of 64
+  # planes: a constant for the chunk's work, plus bookkeeping well under a byte per box
+  # voxel, and the output's float32 distance per box voxel.
+  sizes = []
   for length in (128, 512):
     packed = jnp.zeros((length + 2, 64, 64), jnp.uint8)
     with jax.enable_x64(True):
       compiled = metrics._kernel.lower(packed, jnp.ones(3, jnp.float64),
                                        jnp.asarray([length, 64, 64], jnp.int32),
                                        planes=64, flat=False).compile()
-    temps.append(compiled.memory_analysis().temp_size_in_bytes)
+    memory = compiled.memory_analysis()
+    sizes.append((memory.temp_size_in_bytes, memory.output_size_in_bytes))
   added_voxels = (512 - 128) * 64 * 64
-  assert temps[1] - temps[0] < 0.5 * added_voxels
+  assert sizes[1][0] - sizes[0][0] < 0.5 * added_voxels
+  assert sizes[1][1] - sizes[0][1] == 4 * added_voxels
   chunk_voxels = 2 * 64 * 64 * 64   # both directions
-  assert temps[0] < 96 * chunk_voxels
+  assert sizes[0][0] < 96 * chunk_voxels

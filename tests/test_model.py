@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
 import munet_jax
@@ -201,3 +202,125 @@ def test_masked_rows_do_not_change_batch_statistics():
   np.testing.assert_allclose(out_pad[:3], out_ref, rtol=1e-4, atol=1e-4)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          st_pad, st_ref)
+
+
+# Reformulations computed for speed (UpConv's sub-pixel form, max_pool_2x2) must be the
+# same function as the plain layers, with the same gradients.
+
+_U = 2.0 ** -24   # float32 unit roundoff
+
+
+def _plain_transpose(x, kernel, bias):
+  return jax.lax.conv_transpose(x, kernel, (2, 2), "SAME",
+                                dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+
+@pytest.mark.parametrize("k,c_in,c_out", [(3, 5, 4), (2, 6, 3)])
+def test_subpixel_upconv_is_flax_conv_transpose_to_float32_rounding(k, c_in, c_out):
+  from munet_jax.models.munet import UpConv
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, c_in))
+  reference = nn.ConvTranspose(c_out, (k, k), strides=(2, 2), padding="SAME",
+                               bias_init=nn.initializers.normal(1.0))
+  variables = reference.init(jax.random.key(1), x)
+  ours = UpConv(c_out, k, nn.initializers.lecun_normal(), nn.initializers.normal(1.0))
+  # Same parameter names, shapes and initial values as the layer it replaces.
+  assert _trees_equal(ours.init(jax.random.key(1), x), variables)
+  p = variables["params"]
+  g = jax.random.normal(jax.random.key(2), (2, 14, 12, c_out))
+  y_ref, vjp_ref = jax.vjp(lambda x, w, b: reference.apply({"params": {"kernel": w, "bias": b}}, x),
+                           x, p["kernel"], p["bias"])
+  y, vjp = jax.vjp(lambda x, w, b: ours.apply({"params": {"kernel": w, "bias": b}}, x),
+                   x, p["kernel"], p["bias"])
+  # Both sum the same products in some order: each result is off the exact sum by at most
+  # gamma_m * sum|terms| (gamma_m = m u / (1 - m u), m terms), so they differ by twice that.
+  # sum|terms| is the plain layer evaluated on absolute values; m is bounded by the count
+  # of outputs (for the kernel and bias gradients) or of kernel entries plus one.
+  absolute = (jnp.abs(x), jnp.abs(p["kernel"]), jnp.abs(p["bias"]))
+  y_abs, vjp_abs = jax.vjp(_plain_transpose, *absolute)
+  m = max(g.size, p["kernel"].size + 1)
+  gamma = m * _U / (1 - m * _U)
+  assert np.all(np.abs(y - y_ref) <= 2 * gamma * y_abs)
+  for ours_g, ref_g, bound in zip(vjp(g), vjp_ref(g), vjp_abs(jnp.abs(g))):
+    assert ours_g.shape == ref_g.shape
+    assert np.all(np.abs(ours_g - ref_g) <= 2 * gamma * bound)
+
+
+def _trees_equal(a, b):
+  fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_max_pool_2x2_is_nn_max_pool_with_the_same_gradient(values):
+  from munet_jax.models.munet import max_pool_2x2
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 8, 6, 3)) if values == "normal" else rng.integers(0, 2, (2, 8, 6, 3))
+  x = jnp.asarray(x, jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 4, 3, 3)), jnp.float32)
+  y_ref, vjp_ref = jax.vjp(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), x)
+  y, vjp = jax.vjp(max_pool_2x2, x)
+  # A maximum is exact and the gradient only routes g: bitwise equal, ties included (a
+  # window's gradient goes to its first maximum, as select-and-scatter sends it).
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+
+
+def test_reformulated_munet_has_the_same_parameters_and_computes_the_same_function():
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
+  fast, plain = (MUNet(features=(4, 8, 16), dropout_rate=0.0, reformulated=r)
+                 for r in (True, False))
+  variables = fast.init(jax.random.key(0), x)
+  assert _trees_equal(variables, plain.init(jax.random.key(0), x))
+  # In float64 the two differ only by summation order, about 1e-13 of the values here;
+  # any wrong tap or shift in a reformulation is of the order of the values themselves.
+  with jax.enable_x64(True):
+    v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+    x64 = jnp.asarray(x, jnp.float64)
+    labels = jax.random.randint(jax.random.key(2), (2, 16, 16), 0, 3)
+
+    def loss(model, params):
+      # The output layer's own result: the model casts its logits to float32.
+      _, state = model.clone(dtype=jnp.float64).apply(
+          {**v64, "params": params}, x64, train=True, mutable=["batch_stats", "intermediates"],
+          capture_intermediates=lambda mdl, _: mdl.name == "output")
+      logits = state["intermediates"]["output"]["__call__"][0]
+      return jnp.mean((jax.nn.softmax(logits) - jax.nn.one_hot(labels, 3)) ** 2), logits
+
+    (_, out_fast), g_fast = jax.value_and_grad(lambda p: loss(fast, p), has_aux=True)(v64["params"])
+    (_, out_plain), g_plain = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(
+        v64["params"])
+    assert out_fast.dtype == jnp.float64
+    np.testing.assert_allclose(out_fast, out_plain, rtol=0, atol=1e-9 * float(jnp.abs(out_plain).max()))
+    # Against the largest gradient: a bias before batch norm has an exact gradient of 0,
+    # so its computed value is rounding noise of the other terms.
+    flat_fast, flat_plain = (traverse_util.flatten_dict(g) for g in (g_fast, g_plain))
+    scale = max(float(jnp.abs(v).max()) for v in flat_plain.values())
+    for path, value in flat_plain.items():
+      np.testing.assert_allclose(flat_fast[path], value, rtol=0, atol=1e-9 * scale,
+                                 err_msg="/".join(path))
+
+
+def test_remat_keeps_the_parameters_and_gives_the_same_gradients():
+  x = jax.random.normal(jax.random.key(1), (3, 16, 16, 1))
+  mask = jnp.array([True, True, False])
+  plain, remat = (MUNet(features=(4, 8, 16), dropout_rate=0.2, remat=r) for r in (False, True))
+  variables = plain.init(jax.random.key(0), x)
+  assert _trees_equal(variables, remat.init(jax.random.key(0), x))
+
+  def grads(model):
+    def loss(params):
+      out, _ = model.apply({**variables, "params": params}, x, train=True, sample_mask=mask,
+                           mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
+      return jnp.sum(out[:2] ** 2)
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+  # Recomputing runs the same operations on the same inputs (dropout keys included), but
+  # XLA may fuse and order the float32 sums differently: each sum here has at most
+  # m = 3 * 16 * 16 terms, and two orders differ by at most 2 m u (u = 2^-24, ~9e-5) of
+  # the sum of |terms|. 1e-4 of the largest gradient; a miswired stage is off by O(1).
+  fast, ref = (traverse_util.flatten_dict(grads(m)) for m in (remat, plain))
+  assert fast.keys() == ref.keys()
+  scale = max(float(jnp.abs(v).max()) for v in ref.values())
+  for path, value in ref.items():
+    np.testing.assert_allclose(fast[path], value, rtol=0, atol=1e-4 * scale,
+                               err_msg="/".join(path))

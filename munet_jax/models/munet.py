@@ -17,6 +17,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _kernel_init(std: float):
@@ -41,6 +42,119 @@ class RowwiseDropout(nn.Module):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
     keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, x.shape[1:]))(keys)
     return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """nn.max_pool(x, (2, 2), strides=(2, 2)) for even H and W, with the same gradient.
+
+  XLA's CPU backend computes the pooling gradient (select-and-scatter) through index
+  arrays and window reductions; a reshape and an elementwise mask are cheaper. As with
+  select-and-scatter, a window's gradient goes to its first maximum in row-major order.
+
+  Args:
+    x: (N, H, W, C), H and W even.
+
+  Returns:
+    (N, H/2, W/2, C).
+  """
+  return _max_pool_fwd(x)[0]
+
+
+def _windows(x):
+  n, h, w, c = x.shape
+  x = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  return [x[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]   # row-major window order
+
+
+def _max_pool_fwd(x):
+  a, b, c, d = _windows(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d)), x
+
+
+def _max_pool_bwd(x, g):
+  a, b, c, d = _windows(x)
+  m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  seen = a == m
+  grads = [jnp.where(seen, g, 0)]
+  for v in (b, c, d):
+    first = (v == m) & ~seen
+    grads.append(jnp.where(first, g, 0))
+    seen = seen | first
+  n, h, w, ch = g.shape
+  dx = jnp.stack(grads, axis=3).reshape(n, h, w, 2, 2, ch).transpose(0, 1, 3, 2, 4, 5)
+  return (dx.reshape(n, 2 * h, 2 * w, ch).astype(x.dtype),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# Sub-pixel form of a stride-2 SAME transposed convolution (lax.conv_transpose, kernel not
+# flipped, as flax uses it). Along one axis output 2p+a is a sum over input taps p-1+u of
+# the padded input; _PHASE_TAPS[k][a][u] names the kernel row that tap uses (k means zero).
+# k=3 (input padded by 1 before): y[2p] = k0 x[p-1] + k2 x[p], y[2p+1] = k1 x[p].
+# k=2 (no padding): y[2p] = k1 x[p], y[2p+1] = k0 x[p].
+_PHASE_TAPS = {3: np.array([[0, 2], [3, 1]]), 2: np.array([[1], [0]])}
+_PHASE_PAD = {3: (1, 0), 2: (0, 0)}
+
+
+def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`lax.conv_transpose(x, kernel, (2, 2), "SAME")` as a conv to 4*out channels + depth-to-space.
+
+  XLA's CPU backend computes the weight gradient of a transposed convolution as a slow
+  dilated convolution; the stride-1 form here has an ordinary one. Same sums of products
+  (the k=3 form multiplies 7 of its 16 taps by zero).
+
+  Args:
+    x: (N, H, W, in).
+    kernel: (k, k, in, out) with k in {2, 3}, as nn.ConvTranspose stores it.
+
+  Returns:
+    (N, 2H, 2W, out).
+  """
+  k, _, c_in, c_out = kernel.shape
+  taps = _PHASE_TAPS[k]                                       # (phase, tap)
+  padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # row/column k is zero
+  # w[a, u, b, v] = padded[taps[a, u], taps[b, v]]: phase (a, b), tap (u, v).
+  w = padded[taps[:, :, None, None], taps[None, None, :, :]]
+  t = taps.shape[1]
+  w = w.transpose(1, 3, 4, 0, 2, 5).reshape(t, t, c_in, 4 * c_out)   # channels (a, b, out)
+  pad = _PHASE_PAD[k]
+  y = jax.lax.conv_general_dilated(x, w, (1, 1), (pad, pad),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  n, h, wd, _ = y.shape
+  y = y.reshape(n, h, wd, 2, 2, c_out).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(n, 2 * h, 2 * wd, c_out)
+
+
+class UpConv(nn.Module):
+  """nn.ConvTranspose(features, (k, k), strides=(2, 2), padding="SAME"): same parameters, same function.
+
+  `subpixel` picks how it is computed: True by `subpixel_conv_transpose` (fast on the
+  CPU), False by lax.conv_transpose exactly as flax does. Parameters: kernel
+  (k, k, in, features), bias (features,), so checkpoints do not care which.
+  """
+  features: int
+  kernel_size: int
+  kernel_init: nn.initializers.Initializer
+  bias_init: nn.initializers.Initializer
+  dtype: jnp.dtype = jnp.float32
+  subpixel: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    """(N, H, W, in) -> (N, 2H, 2W, features)."""
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if self.subpixel:
+      y = subpixel_conv_transpose(x, kernel)
+    else:
+      y = jax.lax.conv_transpose(x, kernel, (2, 2), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
 
 
 class ConvBlock(nn.Module):
@@ -73,7 +187,7 @@ class EncoderStage(nn.Module):
   block: functools.partial
 
   @nn.compact
-  def __call__(self, x, *, train: bool, mask=None):
+  def __call__(self, x, train: bool, mask=None):
     y = self.block(self.features)(x, train=train, mask=mask)
     y = self.block(self.features)(y, train=train, mask=mask)
     if not self.residual:
@@ -91,12 +205,14 @@ class ObjectDependentUpsampling(nn.Module):
   init_std: float
   bias_init: float
   dtype: jnp.dtype = jnp.float32
+  subpixel: bool = True
 
   @nn.compact
   def __call__(self, x, pooled):
-    u = nn.ConvTranspose(x.shape[-1], (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype,
-                         kernel_init=_kernel_init(self.init_std),
-                         bias_init=nn.initializers.constant(self.bias_init))(pooled)
+    # Named as the nn.ConvTranspose it replaces, so parameter paths stay as they were.
+    u = UpConv(x.shape[-1], 3, _kernel_init(self.init_std),
+               nn.initializers.constant(self.bias_init), self.dtype, self.subpixel,
+               name="ConvTranspose_0")(pooled)
     u = nn.PReLU()(u)
     self.sow("intermediates", "upsampled", u)
     return x - u
@@ -107,14 +223,18 @@ class SkipConnection(nn.Module):
   odu_residual: bool
   skip_conv: bool
   block: functools.partial
+  subpixel: bool = True
 
   @nn.compact
   def __call__(self, x, pooled, *, train: bool, mask=None):
     self.sow("intermediates", "before_residual", x)
     r = x
     if self.odu_residual:
+      # The 3x3 sub-pixel form multiplies 7 of 16 taps by zero: it pays for the weight
+      # gradient in training, not in inference, where the plain forward is cheaper.
       r = ObjectDependentUpsampling(self.block.keywords["init_std"], self.block.keywords["bias_init"],
-                                    self.block.keywords["dtype"], name="odu")(x, pooled)
+                                    self.block.keywords["dtype"], self.subpixel and train,
+                                    name="odu")(x, pooled)
     self.sow("intermediates", "after_residual", r)
     if self.skip_conv:
       r = self.block(x.shape[-1], use_dropout=False, name="conv")(r, train=train, mask=mask)
@@ -125,13 +245,14 @@ class DecoderStage(nn.Module):
   """TConv2x2/2 + PReLU (halves the width), concatenate the skip, two ConvBlocks."""
   features: int
   block: functools.partial
+  subpixel: bool = True
 
   @nn.compact
   def __call__(self, x, skip, *, train: bool, mask=None):
     kw = self.block.keywords
-    x = nn.ConvTranspose(self.features, (2, 2), strides=(2, 2), padding="SAME", dtype=kw["dtype"],
-                         kernel_init=_kernel_init(kw["init_std"]),
-                         bias_init=nn.initializers.constant(kw["bias_init"]))(x)
+    x = UpConv(self.features, 2, _kernel_init(kw["init_std"]),
+               nn.initializers.constant(kw["bias_init"]), kw["dtype"], self.subpixel,
+               name="ConvTranspose_0")(x)
     x = nn.PReLU()(x)
     x = jnp.concatenate([skip, x.astype(skip.dtype)], axis=-1)
     x = self.block(self.features)(x, train=train, mask=mask)
@@ -150,6 +271,13 @@ class MUNet(nn.Module):
   init_std: float = 0.05
   bias_init: float = 0.1
   dtype: jnp.dtype = jnp.float32
+  # True: stride-2 transposed convolutions in sub-pixel form (UpConv) and 2x2 max pooling
+  # by reshape (max_pool_2x2), which XLA's CPU backend differentiates much faster. False:
+  # lax.conv_transpose and nn.max_pool. Same parameters and function either way (tested).
+  reformulated: bool = True
+  # Rematerialisation: the encoder stages keep only their inputs for the backward pass and
+  # recompute the rest (less memory, about one more encoder forward per step).
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, sample_mask=None):
@@ -176,19 +304,24 @@ class MUNet(nn.Module):
     block = functools.partial(ConvBlock, dropout_rate=self.dropout_rate,
                               bn_momentum=self.bn_momentum, init_std=self.init_std,
                               bias_init=self.bias_init, dtype=self.dtype)
+    # `train` (argument 2, counting the module) decides the graph, so it stays static.
+    encoder = nn.remat(EncoderStage, static_argnums=(2,)) if self.remat else EncoderStage
     skips = []
     for s, width in enumerate(self.features):
-      x = EncoderStage(width, self.residual_learning, block, name=f"encoder_{s + 1}")(
-          x, train=train, mask=mask)
+      x = encoder(width, self.residual_learning, block, name=f"encoder_{s + 1}")(
+          x, train, mask)
       if s == len(self.features) - 1:
         break
-      pooled = nn.max_pool(x, (2, 2), strides=(2, 2))
-      skips.append(SkipConnection(self.odu_residual, self.skip_conv, block, name=f"skip_{s + 1}")(
+      pooled = (max_pool_2x2(x) if self.reformulated
+                else nn.max_pool(x, (2, 2), strides=(2, 2)))
+      skips.append(SkipConnection(self.odu_residual, self.skip_conv, block,
+                                  self.reformulated, name=f"skip_{s + 1}")(
           x, pooled, train=train, mask=mask))
       x = pooled
 
     for s in reversed(range(len(skips))):
-      x = DecoderStage(self.features[s], block, name=f"decoder_{s + 1}")(
+      x = DecoderStage(self.features[s], block, self.reformulated,
+                       name=f"decoder_{s + 1}")(
           x, skips[s], train=train, mask=mask)
 
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
@@ -205,4 +338,4 @@ def from_config(config) -> MUNet:
                dropout_rate=m.dropout_rate, bn_momentum=m.bn_momentum,
                odu_residual=m.odu_residual, skip_conv=m.skip_conv,
                residual_learning=m.residual_learning, init_std=m.init_std,
-               bias_init=m.bias_init, dtype=jnp.dtype(m.dtype))
+               bias_init=m.bias_init, dtype=jnp.dtype(m.dtype), remat=m.remat)

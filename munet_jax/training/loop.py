@@ -120,7 +120,7 @@ def evaluate_split(variables, config, slice_store, names, progress=False) -> lis
     hu, ref = np.moveaxis(hu, 0, -1), np.moveaxis(ref, 0, -1)   # slices last: (H, W, Z)
     pred = segment(hu)
     entries.append(score_case(name, pred, np.asarray(ref), (sh, sw, sz),
-                              config.eval.small_lesion_mm))
+                              config.eval.small_lesion_mm, config.eval.nsd_tolerance_mm))
   return entries
 
 
@@ -169,27 +169,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     ckpt.save(step, state, iterator.get_state(), config, metrics=metrics)
     last_saved = step
 
+  def settle(done, metrics, rate):
+    """The host's side of a step: the divergence check, then its log row when `rate` is set."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+      raise Diverged(f"{what} at step {done}; the last good checkpoint is "
+                     f"{'step ' + str(last_saved) if last_saved is not None else 'none'}")
+    if rate is not None:
+      values = {k: float(v) for k, v in metrics.items()}
+      values["slices_per_second"] = rate
+      writer.write(done, values)
+      bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['learning_rate']:.2e}",
+                      slices_s=f"{rate:.1f}", refresh=False)
+
   try:
     with _SignalFlag() as flag:
+      # The host stays a step behind the device: step N+1 is dispatched before step N's
+      # loss is read, and the next batch is read and staged while a step runs. A step's
+      # loss is checked before any checkpoint holding it is written, so no NaN reaches one.
+      pending = None   # (step, metrics, rate) dispatched but not yet checked
+      batch = sharding.global_batch_from_local(next(iterator), mesh) if start < total else None
       for step in range(start, total):
-        batch = sharding.global_batch_from_local(next(iterator), mesh)
         state, metrics = step_fn(state, batch)
         done = step + 1
-        loss = float(metrics["loss"])   # waits for this step: keeps NaN out of checkpoints
-        if not math.isfinite(loss):
-          raise Diverged(f"loss is {loss} at step {done}; the last good checkpoint is "
-                         f"{'step ' + str(last_saved) if last_saved is not None else 'none'}")
+        for value in metrics.values():
+          value.copy_to_host_async()
+        rate = None
         if done % config.train.log_every_steps == 0 or done == total:
           now = time.perf_counter()
           rate = (done - step_last) * config.train.batch_size / max(now - t_last, 1e-9)
           t_last, step_last = now, done
-          values = {k: float(v) for k, v in metrics.items()}
-          values["slices_per_second"] = rate
-          writer.write(done, values)
-          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['learning_rate']:.2e}",
-                          slices_s=f"{rate:.1f}", refresh=False)
+        if pending is not None:
+          settle(*pending)
+        pending = (done, metrics, rate)
         bar.update(1)
         evaluate_now = val_names and (done % config.train.eval_every_steps == 0 or done == total)
+        save_now = evaluate_now or done % config.checkpoint.every_steps == 0 or done == total
+        signum = flag.signum   # read once: a signal arriving later waits for the next step
+        if save_now or signum is not None:
+          settle(*pending)
+          pending = None
         if evaluate_now:
           entries = evaluate_split(variables_of(state), config, slice_store, val_names)
           from munet_jax.evaluation import summarize
@@ -202,13 +222,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                     f"tumour DSC {val['tumor_dsc']:.4f}")
           liver = val["liver_dsc"]
           save(done, {"liver_dsc": liver if math.isfinite(liver) else -1.0})
-        elif done % config.checkpoint.every_steps == 0 or done == total:
+        elif save_now:
           save(done)
-        if flag.signum is not None:
+        if signum is not None:
           if last_saved != done:
             save(done)
           ckpt.wait()
-          raise Interrupted(flag.signum, done)
+          raise Interrupted(signum, done)
+        if done < total:   # after any save: a checkpoint's data state excludes this batch
+          batch = sharding.global_batch_from_local(next(iterator), mesh)
+      if pending is not None:
+        settle(*pending)
   except BaseException:
     # Already failing (a full disk, a signal, a bug): tidy up without letting a second
     # error from the same cause (the disk is still full) replace the first.
@@ -256,7 +280,8 @@ def final_evaluation(variables, config, split, slice_store, workdir, step: int) 
   entries = evaluate_split(variables, config, slice_store, [c.name for c in split[name]],
                            progress=True)
   source = {"checkpoint_step": step, "split": name,
-            "data": os.path.abspath(config.data.root)}
+            "data": os.path.abspath(config.data.root),
+            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
   if slice_store.skipped:
     source["skipped"] = [{"case": case, "reason": reason}
                          for case, reason in slice_store.skipped]
