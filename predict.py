@@ -1,59 +1,13 @@
 #!/usr/bin/env python
-"""Segment CT volumes with a trained run.
+"""Segment CT volumes: python predict.py --workdir W --input IN --output OUT (--help).
 
-  python predict.py --workdir W --input IN --output OUT [--which latest|best]
-
-IN is a NIfTI CT file (OUT the label file to write) or a folder of them (OUT a folder;
-each output is named after its input, a Decathlon _0000 suffix dropped, as .nii.gz).
-Labels are uint8, 0 background, 1 liver, 2 tumour, on exactly the input's grid (shape,
-affine, orientation, header qform/sform). Each file is written atomically.
-
-Exit status 0 done, 2 a user error (one line on stderr; --debug shows the traceback),
-130 stopped by Ctrl-C (files already written are complete; none is half-written).
+The same tool as `munet-predict` (munet_jax/cli/predict.py).
 """
 
-import argparse
 import sys
 
-from munet_jax.errors import UserError, run_cli
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise UserError(f"predict.py: {message}")
-
-
-def parse_args(argv):
-  parser = _Parser(prog="predict.py", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="the training run")
-  parser.add_argument("--input", required=True, help="CT .nii / .nii.gz file, or a folder")
-  parser.add_argument("--output", required=True, help="label file, or a folder")
-  parser.add_argument("--which", choices=("latest", "best"), default="latest",
-                      help="checkpoint: newest, or best validation liver DSC")
-  parser.add_argument("--batch-size", type=int, help="slices per batch (default: eval.batch_size)")
-  args = parser.parse_args(argv)
-  if args.batch_size is not None and args.batch_size < 1:
-    raise UserError(f"predict.py: --batch-size must be >= 1, got {args.batch_size}")
-  return args
-
-
-def main(argv):
-  args = parse_args(argv)
-  from munet_jax.runtime import configure_logging
-  configure_logging()
-  from munet_jax.runtime import configure_jax
-  configure_jax()
-  from munet_jax.inference import predict_path
-  try:
-    written = predict_path(args.workdir, args.input, args.output, which=args.which,
-                           batch_size=args.batch_size)
-  except KeyboardInterrupt:
-    print("stopped by Ctrl-C; the files already written are complete", file=sys.stderr)
-    return 130
-  print(f"wrote {len(written)} label volume(s): "
-        + (written[0] if len(written) == 1 else args.output))
-  return 0
-
+from munet_jax.cli import run
+from munet_jax.cli.predict import main
 
 if __name__ == "__main__":
-  sys.exit(run_cli(main))
+  sys.exit(run(main))

@@ -53,6 +53,12 @@ def atomic_output(path, suffix: str = "") -> Iterator[str]:
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
 
 
+def write_png(fig, path) -> None:
+  """Saves a matplotlib figure as a PNG at `path`, atomically (`atomic_output`)."""
+  with atomic_output(path, ".png") as tmp:
+    fig.savefig(tmp, format="png")
+
+
 def _remove_stale(folder: str, name: str, suffix: str) -> None:
   """Removes temporaries of `name` left by killed processes of this host."""
   pattern = re.compile(re.escape(f".{name}.{_HOST}-") + r"(\d+)-[0-9a-f]+"

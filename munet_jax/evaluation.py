@@ -1,22 +1,24 @@
 """Scoring label volumes the way the paper reports them, and the results file.
 
-Liver is labels 1 and 2 together, tumour is label 2 (PAPER.md, section II.F). Each case
-gets `segmentation_metrics` for both; the summary is mean ± std (population std,
-ddof=0) over cases, leaving out non-finite values (an empty reference, say), as SPEC.md
-asks. Beyond SPEC's results.json, the document holds:
+Liver is labels 1 and 2 together, tumour is label 2 (`munet_jax.labels`). Each case gets
+`segmentation_metrics` for both; the summary is mean ± std (population std, ddof=0) over
+cases, leaving out non-finite values (an empty reference, say). Besides "cases" and
+"summary", the document holds:
   - "global_dice": LiTS's global Dice, all volumes pooled into one, per target;
   - "lesion_detection": tumour detection by lesion size (`munet_jax.lesions`), pooled
     over cases, and per case "lesions" with the counts it is pooled from;
   - per case "voxels": |A∩B|, |B|, |A| per target (what global Dice is pooled from);
   - per case and target also "rmsd", "hd95" (mm) and "nsd" (a fraction, at
     `eval.nsd_tolerance_mm`), and the summary of each;
-  - "source": what was scored (workdir, checkpoint step, split, data or folders, and the
-    NSD tolerance).
+  - "source": what was scored (see `evaluate`; for label files, the two folders).
 
-Volumes are scored in RAS order (`nifti.to_ras`), "spacing" being RAS-ordered too; the
-metrics do not depend on the axis order, and lesion sizes need the axial axis.
+Volumes are scored in the library's RAS (X, Y, Z) order with spacing in the same order
+(`munet_jax.data.volumes`); the metrics do not depend on the axis order, and lesion
+sizes need the axial axis.
 
-`evaluate_run` and `evaluate_folders` are the two modes of `eval.py`.
+`evaluate` scores a model on a volume source: the trainer calls it on the slice store,
+`evaluate_run` (`eval.py --workdir`) on NIfTI files. `evaluate_folders` (`eval.py
+--pred --ref`) scores label files, no model.
 """
 
 from __future__ import annotations
@@ -25,16 +27,25 @@ import json
 import math
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from tqdm import tqdm
+
 from munet_jax.atomic import atomic_output
-from munet_jax.errors import UserError
+from munet_jax.checkpoints import load_variables
+from munet_jax.data import nifti
+from munet_jax.data.discovery import Case, case_name, is_nifti, list_nifti
+from munet_jax.data.splits import cases_of_split
+from munet_jax.data.volumes import load_case, prefetch
+from munet_jax.errors import UserError, WriteError
+from munet_jax.inference import VolumeSegmenter
+from munet_jax.labels import TARGETS, tumour_mask
 from munet_jax.lesions import SIZE_CLASSES, lesion_detection
 from munet_jax.metrics import DEFAULT_NSD_TOLERANCE, METRIC_NAMES, segmentation_metrics
+from munet_jax.overlays import write_case_overlays
 
-TARGETS = {"liver": lambda labels: labels > 0, "tumor": lambda labels: labels == 2}
 METRICS = METRIC_NAMES   # per case and target, and summarised
 TABLE_METRICS = ("dsc", "voe", "rvd", "assd", "mssd")   # the paper's table, by default
 # Each metric's column: scale (fractions in %, distances in mm) and header.
@@ -78,7 +89,7 @@ def score_case(name: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[f
     voxels[target] = {"both": int(np.count_nonzero(p & r)), "pred": int(np.count_nonzero(p)),
                       "ref": int(np.count_nonzero(r))}
   entry["voxels"] = voxels
-  entry["lesions"] = lesion_detection(pred == 2, ref == 2, spacing,
+  entry["lesions"] = lesion_detection(tumour_mask(pred), tumour_mask(ref), spacing,
                                       small_area_mm2=float(small_lesion_mm) ** 2)
   return entry
 
@@ -220,96 +231,109 @@ _CONNECTIVITY = {1: "face", 2: "face+edge", 3: "full"}
 
 
 def _bar(items, desc: str, progress: bool | None):
-  from tqdm import tqdm
   return tqdm(items, desc=desc, unit="volume", leave=False,
               disable=None if progress is None else not progress)
 
 
-def _scored_case(name, pred_ras, ref_ras, spacing, small_lesion_mm, nsd_tolerance_mm,
-                 overlays, overlay_dir, hu_ras, window):
-  entry = score_case(name, pred_ras, ref_ras, spacing, small_lesion_mm, nsd_tolerance_mm)
-  if overlays:
-    from munet_jax.overlays import write_case_overlays
-    write_case_overlays(overlay_dir, name, hu_ras, pred_ras, ref_ras, spacing, overlays, window)
-  return entry
+# --------------------------------------------------------------- a model on a run's cases
+#
+# One scorer for the trainer (validation and its final table, volumes from the slice
+# store) and for eval.py (volumes from NIfTI files): both hand `score_volumes` a volume
+# source, an iterable of (case name, loader); a loader returns the `CaseVolume` or, for a
+# case to leave out as bad, the `UserError` that says why.
 
 
-def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
-                 which: str = "latest", out: str | None = None, overlays: int = 0,
-                 batch_size: int | None = None, small_lesion_mm: float | None = None,
-                 nsd_tolerance_mm: float | None = None,
-                 progress: bool | None = None) -> tuple[dict, str]:
-  """Segments and scores the volumes of one split with a training run's checkpoint.
+def store_volumes(slice_store, names: Sequence[str]) -> list[tuple[str, Callable]]:
+  """The volume source of the cases `names` of a slice store (int16 HU, as trained on).
+
+  Cases the store left out as bad (`data.skip_bad`) come with their reason.
+  """
+  skipped = dict(slice_store.skipped)
+  stored = set(slice_store.names)
+
+  def loader(name):
+    if name in stored:
+      return lambda: slice_store.case(name)
+    return lambda: UserError(skipped.get(name, f"{name}: not in the slice store"))
+  return [(name, loader(name)) for name in names]
+
+
+def nifti_volumes(cases: Sequence[Case], skip_bad: bool = False) -> list[tuple[str, Callable]]:
+  """The volume source of NIfTI cases; with `skip_bad`, a bad case is left out, not fatal."""
+  def loader(case):
+    def load():
+      try:
+        return load_case(case)
+      except WriteError:
+        raise
+      except UserError as e:
+        if skip_bad:
+          return e
+        raise
+    return load
+  return [(case.name, loader(case)) for case in cases]
+
+
+def score_volumes(segment: Callable[[np.ndarray], np.ndarray], volumes, config,
+                  overlays: int = 0, overlay_dir: str | None = None,
+                  progress: bool | None = None) -> tuple[list[dict], list[dict]]:
+  """Segments and scores every volume of a source (`store_volumes`, `nifti_volumes`).
 
   Args:
-    workdir: the training run (its checkpoints and config).
-    data: the data root; the run's `data.root` when None.
-    split: 'train', 'val' or 'test' by the run's config (`data.split`), or 'all' cases.
-    which: 'latest' or 'best' checkpoint.
-    out: the results file; `workdir/eval/results.json` (split 'test') or
-      `workdir/eval/results-SPLIT.json` when None.
-    overlays: overlay PNGs per case (0: none), in `eval/overlays` next to `out`.
-    batch_size: slices per batch; the run's `eval.batch_size` when None.
-    small_lesion_mm: the small-lesion bound; the run's `eval.small_lesion_mm` when None.
-    nsd_tolerance_mm: the NSD tolerance; the run's `eval.nsd_tolerance_mm` when None.
+    segment: (X, Y, Z) HU -> (X, Y, Z) labels (a `VolumeSegmenter`).
+    volumes: (name, loader) pairs; loaders run one volume ahead, in a thread.
+    config: the run's config: `eval.small_lesion_mm`, `eval.nsd_tolerance_mm`, and the HU
+      window of the overlays.
+    overlays: overlay PNGs per case (0: none), in `overlay_dir`.
     progress: progress bar over volumes; None: only on a terminal.
 
   Returns:
-    (the results document, the path it was written to).
+    (the entries of results.json's "cases", the skipped cases as {"case", "reason"}).
   """
-  from munet_jax.data import nifti
-  from munet_jax.data.discovery import find_cases
-  from munet_jax.data.splits import split_cases
-  from munet_jax.inference import VolumeSegmenter, prefetch
-  from munet_jax.checkpoints import load_variables
-
-  config, variables, step = load_variables(workdir, which)
-  root = data or config.data.root
-  config.data.root = root  # the split's messages name the folder actually used
-  if small_lesion_mm is not None:
-    config.eval.small_lesion_mm = float(small_lesion_mm)
-  if nsd_tolerance_mm is not None:
-    config.eval.nsd_tolerance_mm = float(nsd_tolerance_mm)
-  cases = find_cases(root)
-  chosen = cases if split == "all" else split_cases(cases, config)[split]
-  if not chosen:
-    raise UserError(f"{root}: the '{split}' split of this run's config "
-                    f"(data.split='{config.data.split}') has no case")
-  if out is None:
-    name = "results.json" if split == "test" else f"results-{split}.json"
-    out = os.path.join(workdir, "eval", name)
-  overlay_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "overlays")
-  segmenter = VolumeSegmenter(variables, config, batch_size)
-
-  def read(case):
-    def load_case():
-      try:
-        image = nifti.read_image(case.image)
-        label = nifti.read_label(case.label, like=image)
-      except UserError as e:
-        if config.data.skip_bad:
-          return e
-        raise
-      return (nifti.to_ras(image.data, image.affine), nifti.to_ras(label.data, image.affine),
-              nifti.ras_spacing(image.affine))
-    return load_case
-
+  volumes = list(volumes)
   entries, skipped = [], []
-  with _bar(chosen, "evaluate", progress) as bar:
-    for case, loaded in zip(bar, prefetch(read(c) for c in chosen)):
-      if isinstance(loaded, UserError):  # data.skip_bad: as training left it out
-        skipped.append({"case": case.name, "reason": str(loaded)})
-        bar.write(f"skipped {case.name}: {loaded}", file=sys.stderr)
+  with _bar(volumes, "evaluate", progress) as bar:
+    for (name, _), loaded in zip(bar, prefetch(loader for _, loader in volumes)):
+      if isinstance(loaded, UserError):
+        skipped.append({"case": name, "reason": str(loaded)})
+        bar.write(f"skipped {name}: {loaded}", file=sys.stderr)
         continue
-      hu, ref, spacing = loaded
-      pred = segmenter(hu)
-      entries.append(_scored_case(case.name, pred, ref, spacing, config.eval.small_lesion_mm,
-                                  config.eval.nsd_tolerance_mm, overlays, overlay_dir, hu,
-                                  config.data.hu_window))
+      pred = segment(loaded.hu)
+      entries.append(score_case(name, pred, loaded.labels, loaded.spacing,
+                                config.eval.small_lesion_mm, config.eval.nsd_tolerance_mm))
+      if overlays:
+        write_case_overlays(overlay_dir, name, loaded.hu, pred, loaded.labels,
+                            loaded.spacing, overlays, config.data.hu_window)
+  return entries, skipped
+
+
+def results_path(workdir: str, split: str) -> str:
+  """Where a run's results of `split` go: eval/results.json (test), eval/results-SPLIT.json."""
+  return os.path.join(workdir, "eval", "results.json" if split == "test"
+                      else f"results-{split}.json")
+
+
+def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which: str,
+             split: str, out: str | None = None, overlays: int = 0,
+             batch_size: int | None = None, progress: bool | None = None) -> tuple[dict, str]:
+  """Segments and scores a run's volumes and writes the results document.
+
+  The trainer's final evaluation and `eval.py --workdir` both end here, so the same
+  checkpoint on the same cases gives the same document. Its "source" says what was scored:
+  workdir, checkpoint_step, which, data (`config.data.root`), split, nsd_tolerance_mm,
+  and "skipped" (the cases left out as bad, with the reasons) when there are any.
+
+  Returns:
+    (the document, the path it was written to: `out`, else `results_path(workdir, split)`).
+  """
+  out = out or results_path(workdir, split)
+  segmenter = VolumeSegmenter(variables, config, batch_size)
+  overlay_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "overlays")
+  entries, skipped = score_volumes(segmenter, volumes, config, overlays, overlay_dir, progress)
   if not entries:
-    raise UserError(f"{root}: every case of the '{split}' split was skipped as bad")
+    raise UserError(f"{config.data.root}: every case of the '{split}' split was skipped as bad")
   source = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "which": which,
-            "data": os.path.abspath(root), "split": split,
+            "data": os.path.abspath(config.data.root), "split": split,
             "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
   if skipped:
     source["skipped"] = skipped
@@ -318,9 +342,46 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
   return document, out
 
 
+def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
+                 which: str = "latest", out: str | None = None, overlays: int = 0,
+                 batch_size: int | None = None, small_lesion_mm: float | None = None,
+                 nsd_tolerance_mm: float | None = None,
+                 progress: bool | None = None) -> tuple[dict, str]:
+  """`eval.py --workdir`: a training run's checkpoint on the NIfTI cases of one split.
+
+  Args:
+    workdir: the training run (its checkpoints and config).
+    data: the data root; the run's `data.root` when None.
+    split: 'train', 'val' or 'test' by the run's config (`data.split`), or 'all' cases.
+    which: 'latest' or 'best' checkpoint.
+    out: the results file; `results_path(workdir, split)` when None.
+    overlays: overlay PNGs per case (0: none), in `overlays/` next to `out`.
+    batch_size: slices per batch; the run's `eval.batch_size` when None.
+    small_lesion_mm: the small-lesion bound; the run's `eval.small_lesion_mm` when None.
+    nsd_tolerance_mm: the NSD tolerance; the run's `eval.nsd_tolerance_mm` when None.
+    progress: progress bar over volumes; None: only on a terminal.
+
+  Returns:
+    (the results document, the path it was written to).
+  """
+  config, variables, step = load_variables(workdir, which)
+  if data is not None:
+    config.data.root = data   # the split's messages name the folder actually used
+  if small_lesion_mm is not None:
+    config.eval.small_lesion_mm = float(small_lesion_mm)
+  if nsd_tolerance_mm is not None:
+    config.eval.nsd_tolerance_mm = float(nsd_tolerance_mm)
+  cases = cases_of_split(config, split)
+  return evaluate(variables, config, nifti_volumes(cases, config.data.skip_bad),
+                  workdir=workdir, step=step, which=which, split=split, out=out,
+                  overlays=overlays, batch_size=batch_size, progress=progress)
+
+
+# ------------------------------------------------------------------ label files, no model
+
+
 def _label_key(path: str) -> str:
   """The name a label file is matched by: no .nii[.gz]; LiTS 'segmentation-N' is 'volume-N'."""
-  from munet_jax.inference import case_name
   name = case_name(path)
   return "volume-" + name[len("segmentation-"):] if name.startswith("segmentation-") else name
 
@@ -333,7 +394,6 @@ def label_pairs(pred: str, ref: str) -> list[tuple[str, str, str]]:
   prediction matches a .nii reference, and LiTS's volume-N matches segmentation-N.
   Reference files without a prediction are left out, with a note on stderr.
   """
-  from munet_jax.inference import is_nifti, list_nifti
   for path, flag in ((pred, "--pred"), (ref, "--ref")):
     if not os.path.exists(path):
       raise UserError(f"{path}: {flag} not found")
@@ -371,7 +431,6 @@ def label_pairs(pred: str, ref: str) -> list[tuple[str, str, str]]:
 
 
 def _ct_for(images: str, case: str) -> str | None:
-  from munet_jax.inference import case_name, list_nifti
   for path in list_nifti(images):
     name = case_name(path)
     if name == case or _label_key(path) == case:
@@ -381,11 +440,10 @@ def _ct_for(images: str, case: str) -> str | None:
 
 def _check_same_grid(volume, reference, what: str = "prediction") -> None:
   """`volume` (a prediction or a CT) must lie on `reference`'s voxel grid."""
-  from munet_jax.data.nifti import AFFINE_TOLERANCE
   if volume.data.shape != reference.data.shape:
     raise UserError(f"{volume.path}: {what} shape {volume.data.shape} differs "
                     f"from reference shape {reference.data.shape} of {reference.path}")
-  if not np.allclose(volume.affine, reference.affine, rtol=0, atol=AFFINE_TOLERANCE):
+  if not np.allclose(volume.affine, reference.affine, rtol=0, atol=nifti.AFFINE_TOLERANCE):
     worst = float(np.abs(volume.affine - reference.affine).max())
     raise UserError(f"{volume.path}: {what} affine differs from the affine of "
                     f"reference {reference.path} (largest difference {worst:.4g} mm); "
@@ -412,8 +470,6 @@ def evaluate_folders(pred: str, ref: str, out: str, small_lesion_mm: float = 28.
   Each prediction must lie on its reference's grid (shape, and affine within
   `nifti.AFFINE_TOLERANCE` mm).
   """
-  from munet_jax.data import nifti
-  from munet_jax.inference import prefetch
   pairs = label_pairs(pred, ref)
   if images is not None and not os.path.isdir(images):
     raise UserError(f"{images}: --images folder not found")
@@ -441,8 +497,9 @@ def evaluate_folders(pred: str, ref: str, out: str, small_lesion_mm: float = 28.
   entries = []
   with _bar(pairs, "evaluate", progress) as bar:
     for (case, _, _), (p, r, spacing, hu) in zip(bar, prefetch(read(x) for x in pairs)):
-      entries.append(_scored_case(case, p, r, spacing, small_lesion_mm, nsd_tolerance_mm,
-                                  overlays, overlay_dir, hu, window))
+      entries.append(score_case(case, p, r, spacing, small_lesion_mm, nsd_tolerance_mm))
+      if overlays:
+        write_case_overlays(overlay_dir, case, hu, p, r, spacing, overlays, window)
   source = {"pred": os.path.abspath(pred), "ref": os.path.abspath(ref),
             "nsd_tolerance_mm": float(nsd_tolerance_mm)}
   document = results(entries, source)

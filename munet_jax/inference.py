@@ -18,8 +18,7 @@ import json
 import os
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +26,18 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from munet_jax.errors import UserError
-from munet_jax import sharding
+from tqdm import tqdm
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+from munet_jax import sharding
+from munet_jax.api import load
+from munet_jax.config import config_from_dict
+from munet_jax.data import discovery, nifti
+from munet_jax.data.volumes import prefetch
+from munet_jax.errors import UserError
+from munet_jax.labels import LIVER, liver_mask, tumour_mask
+from munet_jax.models import from_config
+from munet_jax.preprocessing import preprocess
+
 _LITS_LABEL = re.compile(r"^segmentation-\d+\.nii(\.gz)?$")
 
 
@@ -42,9 +49,6 @@ def _labeller(key: str, devices: tuple) -> tuple[Callable, jax.sharding.Mesh]:
   window), so a new checkpoint, volume or eval setting never recompiles; jit itself
   compiles once per slice shape and dtype.
   """
-  from munet_jax.config import config_from_dict
-  from munet_jax.models import from_config
-  from munet_jax.preprocessing import preprocess
   config = config_from_dict(json.loads(key))
   model = from_config(config)
   mesh = sharding.make_mesh(list(devices))
@@ -143,23 +147,6 @@ class VolumeSegmenter:
     out[start:stop] = np.asarray(jax.device_get(labels))[:stop - start]
 
 
-def segment_volume(variables: dict, config: ml_collections.ConfigDict, hu: np.ndarray,
-                   batch_size: int | None = None) -> np.ndarray:
-  """Labels (0/1/2, uint8) for a CT volume.
-
-  Args:
-    variables: model variables ({'params', 'batch_stats'}).
-    config: the run's config (HU window, model, `eval.*`).
-    hu: (X, Y, Z) Hounsfield units in RAS orientation; slices along Z.
-    batch_size: slices per batch; `eval.batch_size` when None.
-
-  Returns:
-    (X, Y, Z) uint8 labels, optionally post-processed as `eval.*` asks. For many
-    volumes, `VolumeSegmenter` places the variables on the devices once.
-  """
-  return VolumeSegmenter(variables, config, batch_size)(hu)
-
-
 def postprocess(labels: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
   """Optional clean-up (off by default, as in the paper).
 
@@ -172,48 +159,20 @@ def postprocess(labels: np.ndarray, config: ml_collections.ConfigDict) -> np.nda
     return labels
   labels = labels.copy()
   if config.eval.largest_liver_component:
-    components, n = ndimage.label(labels > 0)
+    components, n = ndimage.label(liver_mask(labels))
     if n > 1:
       sizes = np.bincount(components.ravel())
       sizes[0] = 0
       labels[components != int(np.argmax(sizes))] = 0
   if config.eval.tumor_inside_liver:
-    tumours, n = ndimage.label(labels == 2)
+    tumours, n = ndimage.label(tumour_mask(labels))
     if n:
-      near_liver = ndimage.binary_dilation(labels == 1)
+      near_liver = ndimage.binary_dilation(labels == LIVER)
       touching = np.zeros(n + 1, bool)
       touching[tumours[near_liver]] = True
       touching[0] = True
       labels[~touching[tumours]] = 0
   return labels
-
-
-# ----------------------------------------------------------------------------- predict.py
-
-
-def case_name(path: str) -> str:
-  """The case name of a CT file: its name without .nii[.gz] and a Decathlon `_0000` suffix."""
-  name = os.path.basename(path)
-  for suffix in NIFTI_SUFFIXES:
-    if name.endswith(suffix):
-      name = name[:-len(suffix)]
-      break
-  return re.sub(r"_0000$", "", name)
-
-
-def is_nifti(name: str) -> bool:
-  return name.endswith(NIFTI_SUFFIXES) and not os.path.basename(name).startswith(".")
-
-
-def list_nifti(folder: str) -> list[str]:
-  """The NIfTI files directly in `folder` (hidden files skipped), sorted by name."""
-  from munet_jax.data.discovery import natural_key
-  try:
-    names = os.listdir(folder)
-  except OSError as e:
-    raise UserError(f"{folder}: cannot list folder ({e.strerror or e})") from e
-  return [os.path.join(folder, n) for n in sorted(names, key=natural_key)
-          if is_nifti(n) and os.path.isfile(os.path.join(folder, n))]
 
 
 def plan_outputs(input_path: str, output_path: str) -> list[tuple[str, str]]:
@@ -227,7 +186,7 @@ def plan_outputs(input_path: str, output_path: str) -> list[tuple[str, str]]:
   if not os.path.exists(input_path):
     raise UserError(f"{input_path}: --input not found")
   if os.path.isdir(input_path):
-    inputs = list_nifti(input_path)
+    inputs = discovery.list_nifti(input_path)
     # A LiTS folder holds its label files beside the CT: segmentation-N is not a CT.
     labels = [p for p in inputs if _LITS_LABEL.match(os.path.basename(p))]
     if labels:
@@ -243,13 +202,13 @@ def plan_outputs(input_path: str, output_path: str) -> list[tuple[str, str]]:
       if suffix and suffix.group(1) != "0000":
         raise UserError(f"{path}: only single-channel CT is supported (channel "
                         f"{suffix.group(1)}; expected NAME.nii.gz or NAME_0000.nii.gz)")
-    pairs = [(p, os.path.join(output_path, case_name(p) + ".nii.gz")) for p in inputs]
+    pairs = [(p, os.path.join(output_path, discovery.case_name(p) + ".nii.gz")) for p in inputs]
   else:
-    if not is_nifti(input_path):
+    if not discovery.is_nifti(input_path):
       raise UserError(f"{input_path}: --input must be a .nii or .nii.gz file or a folder")
     if os.path.isdir(output_path):
-      pairs = [(input_path, os.path.join(output_path, case_name(input_path) + ".nii.gz"))]
-    elif not output_path.endswith(NIFTI_SUFFIXES):
+      pairs = [(input_path, os.path.join(output_path, discovery.case_name(input_path) + ".nii.gz"))]
+    elif not output_path.endswith(discovery.NIFTI_SUFFIXES):
       raise UserError(f"{output_path}: --output must end in .nii or .nii.gz "
                       "(or be an existing folder) when --input is a file")
     else:
@@ -264,27 +223,6 @@ def plan_outputs(input_path: str, output_path: str) -> list[tuple[str, str]]:
       raise UserError(f"{src}: gives the same output name {dst} as {seen[real]}")
     seen[real] = src
   return pairs
-
-
-def prefetch(loaders: Iterable[Callable], ahead: int = 1) -> Iterator:
-  """Calls each loader in a background thread, `ahead` of the consumer; yields results.
-
-  Reading and decompressing the next NIfTI file overlaps with segmenting this one. An
-  exception from a loader is raised where its result is consumed.
-  """
-  loaders = list(loaders)
-  with ThreadPoolExecutor(max_workers=1) as pool:
-    futures = [pool.submit(f) for f in loaders[:ahead]]
-    for i in range(len(loaders)):
-      if i + ahead < len(loaders):
-        futures.append(pool.submit(loaders[i + ahead]))
-      try:
-        yield futures[i].result()
-      except BaseException:
-        for f in futures[i + 1:]:
-          f.cancel()
-        raise
-      futures[i] = None  # free the volume
 
 
 def predict_path(workdir: str, input_path: str, output_path: str, which: str = "latest",
@@ -303,10 +241,6 @@ def predict_path(workdir: str, input_path: str, output_path: str, which: str = "
     The label files written: uint8 0/1/2 with exactly the input's shape, affine and
     header geometry (qform / sform), each written atomically.
   """
-  from tqdm import tqdm
-
-  from munet_jax.api import load
-  from munet_jax.data import nifti
   pairs = plan_outputs(input_path, output_path)
   config, variables = load(workdir, which)
   segmenter = VolumeSegmenter(variables, config, batch_size)

@@ -459,7 +459,6 @@ def _kernel(packed, spacing, sizes, planes, flat, window=_FIRST_WINDOW, band=_BA
     _, d2, _ = jax.lax.while_loop(lambda state: ~state[2], widen, init)
     return d2
 
-  chunk_shape = (2, planes, shape_b, shape_c)
   band = band if shape_b % band == 0 else shape_b
   band_shape = (2, planes, band, shape_c)
 

@@ -19,13 +19,14 @@ from typing import Sequence
 
 import numpy as np
 
-from munet_jax.atomic import atomic_output
+from munet_jax.atomic import write_png
+from munet_jax.labels import liver_mask, tumour_mask
 
 REFERENCE_COLOUR = "#33dd33"
 PREDICTION_COLOUR = "#ffdd00"
 FALSE_POSITIVE = (1.0, 0.15, 0.15, 0.5)
 FALSE_NEGATIVE = (0.2, 0.45, 1.0, 0.5)
-TARGETS = (("liver", lambda a: a > 0), ("tumour", lambda a: a == 2))
+TARGETS = (("liver", liver_mask), ("tumour", tumour_mask))
 
 
 def choose_slices(pred: np.ndarray, ref: np.ndarray, n: int) -> list[tuple[int, str]]:
@@ -51,15 +52,15 @@ def choose_slices(pred: np.ndarray, ref: np.ndarray, n: int) -> list[tuple[int, 
       chosen.append((index, reason))
 
   area = lambda mask: mask.sum(axis=(0, 1))
-  tumour = area(ref == 2)
+  tumour = area(tumour_mask(ref))
   if tumour.any():
     add(np.argmax(tumour), "tumour")
-  elif (pred_tumour := area(pred == 2)).any():
+  elif (pred_tumour := area(tumour_mask(pred))).any():
     add(np.argmax(pred_tumour), "tumour")
   errors = area(pred != ref)
   if errors.any():
     add(np.argmax(errors), "error")
-  liver = area(ref > 0)
+  liver = area(liver_mask(ref))
   if liver.any():
     add(np.argmax(liver), "liver")
     lo, hi = np.flatnonzero(liver)[[0, -1]]
@@ -80,7 +81,7 @@ def choose_slices(pred: np.ndarray, ref: np.ndarray, n: int) -> list[tuple[int, 
   return chosen
 
 
-def _display(slice_xy: np.ndarray) -> np.ndarray:
+def display(slice_xy: np.ndarray) -> np.ndarray:
   """A RAS (X, Y) slice as an image: rows anterior -> posterior, columns right -> left."""
   return slice_xy[::-1, ::-1].T
 
@@ -114,18 +115,18 @@ def render_slice(path: str, hu_slice: np.ndarray | None, pred_slice: np.ndarray,
   fig = Figure(figsize=(width, min(height, 12.0)), dpi=110)
   axes = fig.subplots(1, 2)
   ct = (np.zeros((y, x)) if hu_slice is None else
-        _display(np.clip(hu_slice.astype(np.float32), window[0], window[1])))
+        display(np.clip(hu_slice.astype(np.float32), window[0], window[1])))
   for ax, (name, select) in zip(axes, TARGETS):
     p, r = select(pred_slice), select(ref_slice)
     ax.imshow(ct, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect,
               interpolation="nearest")
     colours = np.zeros((y, x, 4))
-    colours[_display(p & ~r)] = FALSE_POSITIVE
-    colours[_display(r & ~p)] = FALSE_NEGATIVE
+    colours[display(p & ~r)] = FALSE_POSITIVE
+    colours[display(r & ~p)] = FALSE_NEGATIVE
     ax.imshow(colours, aspect=aspect, interpolation="nearest")
     for mask, colour in ((r, REFERENCE_COLOUR), (p, PREDICTION_COLOUR)):
       if mask.any() and not mask.all():
-        ax.contour(_display(mask).astype(np.float32), levels=[0.5], colors=[colour],
+        ax.contour(display(mask).astype(np.float32), levels=[0.5], colors=[colour],
                    linewidths=1.0)
     dice = _dice(p, r)
     ax.set_title(f"{name}: slice DSC " + ("-" if dice is None else f"{100 * dice:.1f} %"),
@@ -138,12 +139,7 @@ def render_slice(path: str, hu_slice: np.ndarray | None, pred_slice: np.ndarray,
   fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
   fig.suptitle(title + ("" if hu_slice is not None else " (no CT given)"), fontsize=10)
   fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-  _save_atomic(fig, path)
-
-
-def _save_atomic(fig, path: str) -> None:
-  with atomic_output(path, ".png") as tmp:
-    fig.savefig(tmp, format="png")
+  write_png(fig, path)
 
 
 def write_case_overlays(folder: str, case: str, hu: np.ndarray | None, pred: np.ndarray,

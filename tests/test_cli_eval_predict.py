@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REAL_CT, needs_real_ct
 from munet_jax.data import nifti
-from munet_jax.errors import run_cli
+from munet_jax.cli import run as run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CT = os.path.join(REAL_CT, "ct_abdomen_3mm.nii.gz")

@@ -10,10 +10,17 @@ import numpy as np
 import pytest
 
 from munet_jax import diagnostics
-from munet_jax.diagnostics import (SENTINEL, downsample_mask, normalise_maps,
-                                   permeation_from_features, permeation_rate)
+from munet_jax.diagnostics import (SENTINEL, channel_mean_map, downsample_mask, masked_sums,
+                                   normalise_maps, permeation_rate, rate_from_sums)
+from munet_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def permeation_from_features(before, after, mask, pooling="area"):
+  """Steps 1-4 of the definition at one stage, composed: (N,) rates per image."""
+  small = downsample_mask(mask, before.shape[1:3], pooling)
+  return rate_from_sums(*masked_sums(channel_mean_map(before), channel_mean_map(after), small))
 
 
 def _maps(*channels):
@@ -345,8 +352,8 @@ def test_cli_writes_json_and_pictures(tmp_path):
     (["--workdir", "RUN", "--max-slices", "0"], "--max-slices"),
 ])
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, needle):
-  from munet_jax.diagnostics import main
-  from munet_jax.errors import run_cli
+  from munet_jax.cli import run as run_cli
+  from munet_jax.cli.diagnose import main
   run_dir = tmp_path / "run"
   if "RUN" in args:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -375,9 +382,8 @@ def test_cli_no_objects_is_a_user_error(tmp_path):
                       affine)
   run_dir = tmp_path / "run"
   make_tiny_run(run_dir, str(data))
-  with pytest.raises(diagnostics.UserError, match="no liver or tumour"):
-    diagnostics.run(diagnostics._parse(["--workdir", str(run_dir), "--split", "all",
-                                        "--out", str(tmp_path / "o")]))
+  with pytest.raises(UserError, match="no liver or tumour"):
+    diagnostics.diagnose(str(run_dir), split="all", out=str(tmp_path / "o"))
 
 
 def test_permeation_rate_is_exported_lazily():

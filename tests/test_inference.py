@@ -10,6 +10,7 @@ import pytest
 
 import munet_jax
 from munet_jax import inference
+from munet_jax.data.volumes import prefetch
 from munet_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +39,10 @@ def _slice_by_slice(variables, config, hu):
 
 
 @pytest.mark.parametrize("depth", [1, 3, 4, 9])  # fewer, as many as, and more than a batch
-def test_segment_volume_matches_slice_by_slice_prediction(model, depth):
+def test_segmenter_matches_slice_by_slice_prediction(model, depth):
   config, variables = model
   hu = _hu((20, 13, depth))
-  labels = inference.segment_volume(variables, config, hu)
+  labels = inference.VolumeSegmenter(variables, config)(hu)
   assert labels.shape == hu.shape and labels.dtype == np.uint8
   expected = _slice_by_slice(variables, config, hu)
   assert len(np.unique(expected)) > 1          # a check that can fail
@@ -51,8 +52,8 @@ def test_segment_volume_matches_slice_by_slice_prediction(model, depth):
 def test_float_and_integer_hounsfield_units_give_the_same_labels(model):
   config, variables = model
   hu = _hu((16, 16, 5))
-  a = inference.segment_volume(variables, config, hu)
-  b = inference.segment_volume(variables, config, hu.astype(np.float32))
+  a = inference.VolumeSegmenter(variables, config)(hu)
+  b = inference.VolumeSegmenter(variables, config)(hu.astype(np.float32))
   np.testing.assert_array_equal(a, b)
 
 
@@ -71,29 +72,34 @@ def test_volumes_of_one_slice_shape_compile_once(model):
   assert segmenter._label._cache_size() == before + 1
 
 
-def test_batch_size_is_padded_to_the_device_count(model):
-  config, variables = model
-  segmenter = inference.VolumeSegmenter(variables, config, batch_size=3)
-  assert segmenter.batch_size % len(jax.local_devices()) == 0 and segmenter.batch_size >= 3
+@pytest.mark.parametrize("batch,devices,padded", [(3, 1, 3), (3, 2, 4), (4, 2, 4), (5, 8, 8),
+                                                  (9, 8, 16), (16, 3, 18)])
+def test_batch_size_is_padded_to_the_device_count(model, batch, devices, padded):
+  from munet_jax import sharding
+  assert sharding.padded_batch_size(batch, devices) == padded
+  config, variables = model   # and the segmenter takes its batch from there
+  segmenter = inference.VolumeSegmenter(variables, config, batch_size=batch)
+  assert segmenter.batch_size == sharding.padded_batch_size(batch, len(jax.local_devices()))
 
 
-def test_segment_volume_rejects_a_2d_array(model):
+def test_segmenter_rejects_a_2d_array(model):
   config, variables = model
   with pytest.raises(ValueError, match="3-D"):
-    inference.segment_volume(variables, config, np.zeros((8, 8), np.int16))
+    inference.VolumeSegmenter(variables, config)(np.zeros((8, 8), np.int16))
 
 
 @pytest.mark.slow
 def test_sharding_over_three_devices_gives_the_same_labels(tmp_path, model):
   config, variables = model
   hu = _hu((16, 12, 7))
-  one = inference.segment_volume(variables, config, hu)
+  one = inference.VolumeSegmenter(variables, config)(hu)
   script = f"""
 import sys; sys.path.insert(0, {ROOT!r})
 import jax, numpy as np, munet_jax
 from munet_jax.runtime import configure_jax; configure_jax()
 from munet_jax.config import base_config
 from munet_jax import inference
+from munet_jax.data.volumes import prefetch
 assert len(jax.devices()) == 3
 c = base_config(); c.model.features = (4, 8); c.eval.batch_size = 4
 v = munet_jax.init(jax.random.key(3), c)
@@ -151,14 +157,14 @@ def test_tumor_inside_liver_drops_tumours_touching_no_liver():
   np.testing.assert_array_equal(out, expected)
 
 
-def test_postprocess_is_applied_by_segment_volume(model):
+def test_postprocess_is_applied_by_the_segmenter(model):
   config, variables = model
   from munet_jax.config import config_from_dict
   cfg = config_from_dict(dict(config.to_dict(), eval=dict(config.eval.to_dict(),
                                                           largest_liver_component=True)))
   hu = _hu((16, 16, 6))
-  raw = inference.segment_volume(variables, config, hu)
-  cleaned = inference.segment_volume(variables, cfg, hu)
+  raw = inference.VolumeSegmenter(variables, config)(hu)
+  cleaned = inference.VolumeSegmenter(variables, cfg)(hu)
   np.testing.assert_array_equal(cleaned, inference.postprocess(raw, cfg))
 
 
@@ -232,7 +238,7 @@ def test_prefetch_keeps_order_and_raises_where_consumed():
 
   got = []
   with pytest.raises(UserError, match="bad 2"):
-    for value in inference.prefetch(loader(i) for i in range(4)):
+    for value in prefetch(loader(i) for i in range(4)):
       got.append(value)
   assert got == [0, 10]
   assert 3 not in calls or calls.index(3) > calls.index(2)

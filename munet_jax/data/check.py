@@ -7,16 +7,15 @@ line naming the file and the problem (`--debug` shows the traceback).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from typing import Sequence
 
 import numpy as np
 import tqdm
 
 from munet_jax.data import discovery, nifti
-from munet_jax.errors import UserError, run_cli
+from munet_jax.errors import UserError
+from munet_jax.labels import tumour_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +50,7 @@ def check_cases(cases: Sequence[discovery.Case], progress: bool = False) -> Summ
     if case.label is not None:
       label = nifti.read_label(case.label, like=image)
       labelled += 1
-      tumour += bool(np.any(label.data == 2))
+      tumour += bool(np.any(tumour_mask(label.data)))
   return Summary(cases=len(cases), labelled=labelled, with_tumour=tumour, voxels=voxels,
                  in_plane_mm=(min(in_plane), max(in_plane)), slice_mm=(min(thick), max(thick)))
 
@@ -61,20 +60,7 @@ def check_root(root, require_labels: bool = True, progress: bool = False) -> Sum
   return check_cases(discovery.find_cases(root, require_labels=require_labels), progress)
 
 
-def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m munet_jax.data.check",
-      description="Validate every CT volume and label of a data folder (LiTS or Decathlon "
-                  "layout). Add --debug to see a traceback.")
-  parser.add_argument("root", help="data folder")
-  parser.add_argument("--no-labels", action="store_true",
-                      help="images only (prediction inputs): labels are optional")
-  args = parser.parse_args(argv)
-  summary = check_root(args.root, require_labels=not args.no_labels,
-                       progress=sys.stderr.isatty())
-  print(summary.line(args.root))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(run_cli(main))
+if __name__ == "__main__":   # the `munet-check` tool
+  import sys
+  from munet_jax.cli import check, run
+  sys.exit(run(check.main))

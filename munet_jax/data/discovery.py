@@ -133,3 +133,31 @@ def _expected_image(name: str, label: str) -> str:
   if _LITS_LABEL.match(os.path.basename(label)):
     return f"{name}.nii.gz anywhere under the data root"
   return os.path.join(os.path.dirname(os.path.dirname(label)), "imagesTr", f"{name}.nii.gz")
+
+
+# Single files: what counts as NIfTI, and the case a CT file belongs to.
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def case_name(path: str) -> str:
+  """The case name of a CT file: its name without .nii[.gz] and a Decathlon `_0000` suffix."""
+  name = os.path.basename(path)
+  for suffix in NIFTI_SUFFIXES:
+    if name.endswith(suffix):
+      name = name[:-len(suffix)]
+      break
+  return re.sub(r"_0000$", "", name)
+
+
+def is_nifti(name: str) -> bool:
+  return name.endswith(NIFTI_SUFFIXES) and not os.path.basename(name).startswith(".")
+
+
+def list_nifti(folder: str) -> list[str]:
+  """The NIfTI files directly in `folder` (hidden files skipped), sorted by name."""
+  try:
+    names = os.listdir(folder)
+  except OSError as e:
+    raise UserError(f"{folder}: cannot list folder ({e.strerror or e})") from e
+  return [os.path.join(folder, n) for n in sorted(names, key=natural_key)
+          if is_nifti(n) and os.path.isfile(os.path.join(folder, n))]

@@ -20,22 +20,21 @@ Other masks (vessels, cysts, other organs) are ignored.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import os
 import re
 import sys
 import zipfile
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import pydicom
-import tqdm
 
 from munet_jax.data import nifti
 from munet_jax.data.discovery import natural_key
-from munet_jax.errors import UserError, run_cli
+from munet_jax.errors import UserError
+from munet_jax.labels import liver_mask, tumour_mask
 
 _PATIENT = re.compile(r"^3Dircadb1\.(\d+)$")
 POSITION_TOLERANCE = 0.01   # mm; slices closer than this are one slice
@@ -253,8 +252,8 @@ def convert_patient(patient: str, out: str) -> dict:
   voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
   return {"patient": patient, "image": image_path, "label": label_path, "shape": hu.shape,
           "spacing": tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)),
-          "liver_ml": float((labels > 0).sum() * voxel_ml),
-          "tumour_ml": float((labels == 2).sum() * voxel_ml)}
+          "liver_ml": float(liver_mask(labels).sum() * voxel_ml),
+          "tumour_ml": float(tumour_mask(labels).sum() * voxel_ml)}
 
 
 def find_patients(src: str) -> list[str]:
@@ -271,24 +270,6 @@ def find_patients(src: str) -> list[str]:
   return sorted(found, key=natural_key)
 
 
-def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m munet_jax.data.ircadb",
-      description="Convert 3Dircadb-01 DICOM (3Dircadb1.N/PATIENT_DICOM, MASKS_DICOM) to "
-                  "LiTS-layout NIfTI (volume-N.nii.gz, segmentation-N.nii.gz).")
-  parser.add_argument("src", help="folder holding 3Dircadb1.N folders, or one of them")
-  parser.add_argument("out", help="output folder")
-  args = parser.parse_args(argv)
-  patients = find_patients(args.src)
-  for patient in tqdm.tqdm(patients, desc="3Dircadb", unit="patient",
-                           disable=not sys.stderr.isatty()):
-    s = convert_patient(patient, args.out)
-    print(f"{os.path.basename(patient)} -> {s['image']} "
-          f"({'x'.join(map(str, s['shape']))} voxels, "
-          f"{' x '.join(f'{v:.2f}' for v in s['spacing'])} mm, liver {s['liver_ml']:.0f} ml, "
-          f"tumour {s['tumour_ml']:.1f} ml)")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(run_cli(main))
+if __name__ == "__main__":   # the `munet-ircadb` tool
+  from munet_jax.cli import ircadb, run
+  sys.exit(run(ircadb.main))

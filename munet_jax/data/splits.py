@@ -19,7 +19,7 @@ import hashlib
 import math
 from typing import Sequence
 
-from munet_jax.data.discovery import Case, natural_key
+from munet_jax.data.discovery import Case, find_cases, natural_key
 from munet_jax.errors import UserError
 
 PRESETS = {"lits": (40, 5, 35), "ircadb": (15, 0, 5)}
@@ -40,7 +40,7 @@ def split_cases(cases: Sequence[Case], config) -> dict[str, list[Case]]:
     {'train': [...], 'val': [...], 'test': [...]}, disjoint, each in natural name order
     (explicit lists keep the order given). The same cases and config give the same split.
 
-  A preset that asks for more cases than there are (the synthetic demo set has about 12)
+  A preset that asks for more cases than there are (a small synthetic set, say)
   is scaled down in proportion: counts are n * preset / sum(preset), rounded down, the
   cases left over going one each to the splits with the largest remainders (ties: train,
   val, test), and every split the preset asks for gets at least one case when there
@@ -125,3 +125,18 @@ def _named(cases: Sequence[Case], names: dict[str, tuple]) -> dict[str, list[Cas
       seen[n] = key
     out[split] = [by_name[n] for n in names[split]]
   return out
+
+
+def cases_of_split(config, split: str, root: str | None = None) -> list[Case]:
+  """The cases of one split of `config` under `root` (`config.data.root` when None).
+
+  `split` is 'train', 'val' or 'test' by `config.data.split`, or 'all' for every case.
+  An empty choice is a UserError naming the folder and the split.
+  """
+  root = config.data.root if root is None else root
+  cases = find_cases(root)
+  chosen = cases if split == "all" else split_cases(cases, config)[split]
+  if not chosen:
+    raise UserError(f"{root}: the '{split}' split of this run's config "
+                    f"(data.split='{config.data.split}') has no case")
+  return chosen

@@ -40,7 +40,9 @@ import tqdm
 from munet_jax.atomic import atomic_output
 from munet_jax.data import nifti
 from munet_jax.data.discovery import Case, natural_key
+from munet_jax.data.volumes import CaseVolume
 from munet_jax.errors import UserError, WriteError
+from munet_jax.labels import liver_mask, tumour_mask
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +145,11 @@ class SliceStore:
     return self._by_name[name]
 
   def volume(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(hu, labels) of volume `name`: read-only memory maps of shape (Z, X, Y), RAS.
+    """(hu, labels) of volume `name` as stored: read-only memory maps, (Z, X, Y), RAS.
 
-    hu is int16 Hounsfield units, labels uint8 (0 background, 1 liver, 2 tumour).
+    Slice-first, for readers of single slices (the training batches); whole volumes in
+    the library's (X, Y, Z) order come from `case`. hu is int16 Hounsfield units,
+    labels uint8 (0 background, 1 liver, 2 tumour).
     """
     arrays = self._arrays.get(name)
     if arrays is None:
@@ -153,6 +157,12 @@ class SliceStore:
       arrays = (_load(os.path.join(folder, "hu.npy")), _load(os.path.join(folder, "labels.npy")))
       self._arrays[name] = arrays
     return arrays
+
+  def case(self, name: str) -> CaseVolume:
+    """Volume `name` in the library's axis convention: RAS (X, Y, Z), views of the maps."""
+    hu, labels = self.volume(name)
+    sz, sx, sy = self.info(name).spacing
+    return CaseVolume(name, np.moveaxis(hu, 0, -1), np.moveaxis(labels, 0, -1), (sx, sy, sz))
 
   def slice_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every slice of the store, volume after volume.
@@ -336,6 +346,7 @@ def _prepare_volume(case: Case, cache_dir: str, fingerprint: dict) -> VolumeInfo
     _write_slices(os.path.join(tmp, "hu.npy"), hu_ras, np.int16, _to_int16)
     # Only the grid of the image is needed to check the label: let its voxels go first,
     # so a 512x512x900 case never holds image and label in memory together.
+    # (This is why the store does not use `volumes.load_case`.)
     like = dataclasses.replace(image, data=np.broadcast_to(np.int8(0), image.data.shape))
     del image, hu_ras
     label = nifti.read_label(case.label, like=like)
@@ -397,7 +408,7 @@ def _write_slices(path: str, ras: np.ndarray, dtype, convert, flags: bool = Fals
       block = convert(block) if convert else block.astype(dtype, copy=False)
       if flags:
         out_flags[z0:z0 + len(block)] = (
-            LIVER * (block > 0).any(axis=(1, 2)) | TUMOR * (block == 2).any(axis=(1, 2)))
+            LIVER * liver_mask(block).any(axis=(1, 2)) | TUMOR * tumour_mask(block).any(axis=(1, 2)))
       f.write(np.ascontiguousarray(block, dtype=dtype).data)
     f.flush()
     os.fsync(f.fileno())

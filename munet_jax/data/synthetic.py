@@ -25,19 +25,17 @@ byte-identical files, and case i does not depend on how many cases are made.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
 import sys
-from typing import Sequence
 
 import numpy as np
 import tqdm
 
 from munet_jax.data import nifti
-from munet_jax.errors import UserError, WriteError, run_cli
+from munet_jax.errors import UserError, WriteError
 
 MIN_SIZE = 16  # below this the anatomy is a few voxels
 
@@ -566,24 +564,6 @@ def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
           for i, l in paths]
 
 
-def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m munet_jax.data.synthetic",
-      description="Write a synthetic CT data set (LiTS layout: volume-N.nii.gz, "
-                  "segmentation-N.nii.gz).")
-  parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--cases", type=int, default=12, help="number of cases (default 12)")
-  parser.add_argument("--size", type=int, default=64, help="in-plane size (default 64)")
-  parser.add_argument("--slices", type=int, default=None,
-                      help="slices per volume (default: from 1-5 mm slice thickness)")
-  parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-  args = parser.parse_args(argv)
-  paths = write_dataset(args.out, args.cases, args.size, args.seed, args.slices,
-                        progress=sys.stderr.isatty())
-  print(f"{args.out}: wrote {len(paths)} synthetic cases ({args.size}x{args.size}, "
-        f"seed {args.seed})")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(run_cli(main))
+if __name__ == "__main__":   # the `munet-synthetic` tool
+  from munet_jax.cli import run, synthetic
+  sys.exit(run(synthetic.main))

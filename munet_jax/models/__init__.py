@@ -1,5 +1,5 @@
 """Network definitions."""
 
-from munet_jax.models.munet import MUNet, ObjectDependentUpsampling, from_config
+from munet_jax.models.munet import MUNet, ObjectDependentUpsampling, from_config, padding
 
-__all__ = ["MUNet", "ObjectDependentUpsampling", "from_config"]
+__all__ = ["MUNet", "ObjectDependentUpsampling", "from_config", "padding"]

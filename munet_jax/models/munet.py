@@ -259,6 +259,14 @@ class DecoderStage(nn.Module):
     return self.block(self.features)(x, train=train, mask=mask)
 
 
+
+def padding(stages: int, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """((top, bottom), (left, right)): the edge padding that brings an (h, w) slice to a
+  multiple of 2**(stages - 1), the pooling factor of a network with `stages` stages."""
+  multiple = 2 ** (stages - 1)
+  ph, pw = (-h) % multiple, (-w) % multiple
+  return (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)
+
 class MUNet(nn.Module):
   """mU-Net. `features` holds one width per stage; stages 1..S-1 have skip connections."""
   num_classes: int = 3
@@ -293,12 +301,10 @@ class MUNet(nn.Module):
       (N, H, W, num_classes) float32 logits.
     """
     n, h, w, _ = images.shape
-    multiple = 2 ** (len(self.features) - 1)
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    (top, bottom), (left, right) = padding(len(self.features), h, w)
     x = images.astype(self.dtype)
-    if pad_h or pad_w:
-      x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
-                      (0, 0)), mode="edge")
+    if top or bottom or left or right:
+      x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), mode="edge")
     mask = None if sample_mask is None else sample_mask.reshape(n, 1, 1, 1)
 
     block = functools.partial(ConvBlock, dropout_rate=self.dropout_rate,
@@ -327,7 +333,7 @@ class MUNet(nn.Module):
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
                      kernel_init=_kernel_init(self.init_std),
                      bias_init=nn.initializers.constant(self.bias_init), name="output")(x)
-    logits = logits[:, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w, :]
+    logits = logits[:, top:top + h, left:left + w, :]
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))   # float64 stays
 
 

@@ -15,6 +15,7 @@ while that process is alive (same host) or while the holder refreshes the file's
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -23,6 +24,10 @@ import os
 import socket
 import threading
 import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from munet_jax.errors import UserError
 
@@ -149,3 +154,30 @@ def _boot_id() -> str:
       return f.read().strip()
   except OSError:
     return ""
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+  """The workdir's trainer lock for the whole run, taken before anything is written.
+
+  Process 0 takes it for all processes of a multi-host run; the others learn from it
+  whether they may go on, so a refused run stops on every process with exit status 2.
+  """
+  lock = WorkdirLock(workdir)
+  refusal = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except UserError as e:
+      refusal = e
+  if jax.process_count() > 1:
+    held = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
+    if not int(held) and refusal is None:
+      refusal = UserError(f"{os.path.abspath(workdir)}: process 0 of this run could not take "
+                          "the workdir's trainer lock (its message says why)")
+  if refusal is not None:
+    raise refusal
+  try:
+    yield lock
+  finally:
+    lock.release()

@@ -15,12 +15,14 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from tqdm import tqdm
 
-from munet_jax.errors import UserError
-from munet_jax import sharding
+from munet_jax import evaluation, sharding
 from munet_jax.checkpoints import Checkpointer
+from munet_jax.data import discovery, splits, store, synthetic
+from munet_jax.data.pipeline import make_train_iterator
+from munet_jax.errors import UserError
+from munet_jax.inference import VolumeSegmenter
 from munet_jax.training.reporting import MetricWriter, plot_curves
 from munet_jax.training.state import create_train_state, make_train_step, variables_of
 
@@ -66,21 +68,18 @@ class _SignalFlag:
 
 def prepare_data(config: ml_collections.ConfigDict):
   """Cases, patient splits and the slice store for `config.data`; makes synthetic data if asked."""
-  from munet_jax.data import discovery, splits, store
   root = config.data.root
   if config.data.synthetic.cases > 0 and not _has_cases(root):
-    from munet_jax.data import synthetic
     if jax.process_index() == 0:
       print(f"making {config.data.synthetic.cases} synthetic CT volumes in {root}", flush=True)
       synthetic.write_dataset_into_place(
           root, config.data.synthetic.cases, config.data.synthetic.size, seed=config.seed,
           slices=config.data.synthetic.slices)
     sharding.sync_processes("synthetic data")
-  cases = discovery.find_cases(root)
-  split = splits.split_cases(cases, config)
+  split = splits.split_cases(discovery.find_cases(root), config)
   if not split["train"]:
     raise UserError(f"{root}: the split leaves no training case")
-  cache_dir = config.data.cache_dir or os.path.join(root, ".munet_cache")
+  cache_dir = config.data.cache_dir or store.default_cache_dir(root)
   wanted = split["train"] + split["val"] + split["test"]
   if jax.process_index() == 0:
     slice_store = store.prepare_store(wanted, cache_dir, skip_bad=config.data.skip_bad)
@@ -91,13 +90,12 @@ def prepare_data(config: ml_collections.ConfigDict):
     for name, reason in slice_store.skipped:
       print(f"skipped {name}: {reason}", file=sys.stderr)
   bad = {name for name, _ in slice_store.skipped}
-  if split["train"] and all(c.name in bad for c in split["train"]):
+  if all(c.name in bad for c in split["train"]):
     raise UserError(f"{root}: every training case was skipped as bad")
   return split, slice_store
 
 
 def _has_cases(root: str) -> bool:
-  from munet_jax.data import discovery
   if not os.path.isdir(root):
     return False
   try:
@@ -106,22 +104,14 @@ def _has_cases(root: str) -> bool:
     return False
 
 
-def evaluate_split(variables, config, slice_store, names, progress=False) -> list[dict]:
-  """Segments whole volumes of the store and scores them (3-D metrics per volume)."""
-  from munet_jax.evaluation import score_case
-  from munet_jax.inference import VolumeSegmenter
-  stored = {v.name for v in slice_store.volumes}
-  names = [n for n in names if n in stored]   # cases skipped as bad are left out
+def validate(variables, config, slice_store, names) -> dict:
+  """Mean liver and tumour DSC and ASSD of the validation volumes (store volumes, in memory)."""
   segment = VolumeSegmenter(variables, config)
-  entries = []
-  for name in tqdm(names, desc="evaluate", unit="volume", disable=not progress, leave=False):
-    hu, ref = slice_store.volume(name)                 # (Z, H, W), RAS
-    sz, sh, sw = slice_store.info(name).spacing
-    hu, ref = np.moveaxis(hu, 0, -1), np.moveaxis(ref, 0, -1)   # slices last: (H, W, Z)
-    pred = segment(hu)
-    entries.append(score_case(name, pred, np.asarray(ref), (sh, sw, sz),
-                              config.eval.small_lesion_mm, config.eval.nsd_tolerance_mm))
-  return entries
+  entries, _ = evaluation.score_volumes(segment, evaluation.store_volumes(slice_store, names),
+                                        config, progress=False)
+  summary = evaluation.summarize(entries)
+  val = {f"{t}_{m}": summary[t][m]["mean"] for t in ("liver", "tumor") for m in ("dsc", "assd")}
+  return {k: (v if v is not None else float("nan")) for k, v in val.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -143,10 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       print(f"resuming from checkpoint at step {start_step}", flush=True)
   start = int(state.step)
 
-  from munet_jax.data.pipeline import make_train_iterator
-  from munet_jax.data.store import open_store
-  stored = {v.name for v in slice_store.volumes}
-  train_store = open_store(slice_store.cache_dir,
+  stored = set(slice_store.names)   # the cases not left out as bad
+  train_store = store.open_store(slice_store.cache_dir,
                            names=[c.name for c in split["train"] if c.name in stored])
   iterator = make_train_iterator(train_store, config, global_batch=config.train.batch_size,
                                  padded_batch=padded, process_index=jax.process_index(),
@@ -211,12 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           settle(*pending)
           pending = None
         if evaluate_now:
-          entries = evaluate_split(variables_of(state), config, slice_store, val_names)
-          from munet_jax.evaluation import summarize
-          summary = summarize(entries)
-          val = {f"{t}_{m}": summary[t][m]["mean"] for t in ("liver", "tumor")
-                 for m in ("dsc", "assd")}
-          val = {k: (v if v is not None else float("nan")) for k, v in val.items()}
+          val = validate(variables_of(state), config, slice_store, val_names)
           writer.write(done, val, prefix="val")
           bar.write(f"step {done}: validation liver DSC {val['liver_dsc']:.4f}, "
                     f"tumour DSC {val['tumor_dsc']:.4f}")
@@ -268,28 +251,20 @@ def _finish(*steps) -> None:
 
 
 def final_evaluation(variables, config, split, slice_store, workdir, step: int) -> dict | None:
-  """Scores `train.final_eval_split`, writes workdir/eval/results.json, prints the table.
+  """Scores `train.final_eval_split` as `eval.py --workdir` would, and prints the table.
 
-  The document's "source" names the checkpoint step, the split and the data root, and
-  lists as "skipped" the cases of the data root left out as bad (`data.skip_bad`).
+  The same scorer and the same document as `eval.py --workdir W --split SPLIT` on this
+  checkpoint (`evaluation.evaluate`), written to the same place (`results_path`); the
+  volumes come from the slice store, which holds what the NIfTI files hold (HU as int16).
   """
   name = config.train.final_eval_split
   if not name or not split[name] or jax.process_index() != 0:
     return None
-  from munet_jax.evaluation import format_table, results, write_json
-  entries = evaluate_split(variables, config, slice_store, [c.name for c in split[name]],
-                           progress=True)
-  source = {"checkpoint_step": step, "split": name,
-            "data": os.path.abspath(config.data.root),
-            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
-  if slice_store.skipped:
-    source["skipped"] = [{"case": case, "reason": reason}
-                         for case, reason in slice_store.skipped]
-  document = results(entries, source)
-  path = os.path.join(workdir, "eval", "results.json")
-  write_json(path, document)
-  print(f"\n{name} split, {len(entries)} volumes (results in {path}):")
-  print(format_table(document), flush=True)
+  volumes = evaluation.store_volumes(slice_store, [c.name for c in split[name]])
+  document, path = evaluation.evaluate(variables, config, volumes, workdir=workdir, step=step,
+                                       which="latest", split=name, progress=True)
+  print(f"\n{name} split, {len(document['cases'])} volumes (results in {path}):")
+  print(evaluation.format_table(document), flush=True)
   if slice_store.skipped:
     print(f"skipped as bad ({len(slice_store.skipped)}, not trained on or scored): "
           + ", ".join(case for case, _ in slice_store.skipped), flush=True)

@@ -1,4 +1,4 @@
-"""`train.py`: flags in, `train_and_evaluate` out, with the exit statuses users script on.
+"""`train.py` / `munet-train`: flags in, `train_and_evaluate` out, with the exit statuses users script on.
 
 Exit status: 0 done; 2 a user error (one line on stderr); 3 the loss stopped being
 finite (the last good checkpoint is kept); 130 / 143 stopped by Ctrl-C / SIGTERM after
@@ -7,22 +7,20 @@ saving a checkpoint: rerun the same command to resume.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import sys
 from typing import Sequence
 
+from munet_jax.cli import Parser, entry_point
+from munet_jax.config import apply_overrides, load_config_file
 from munet_jax.errors import UserError
+from munet_jax.runtime import configure_jax, configure_logging, initialize_distributed
+from munet_jax.training import loop
+from munet_jax.training.lock import hold_workdir
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise UserError(f"train.py: {message}")
-
-
-def parse_args(argv: Sequence[str]):
-  parser = _Parser(prog="train.py", description="Train mU-Net on a CT data set.")
+def parse_args(argv: Sequence[str], prog: str = "train.py"):
+  parser = Parser(prog=prog, description="Train mU-Net on a CT data set.")
   parser.add_argument("--config", required=True, help="an ml_collections config file")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics and results")
   parser.add_argument("--skip-bad", action="store_true",
@@ -38,29 +36,9 @@ def parse_args(argv: Sequence[str]):
   overrides = []
   for item in rest:
     if not item.startswith("--config."):
-      raise UserError(f"train.py: unrecognised argument '{item}'")
+      raise UserError(f"{prog}: unrecognised argument '{item}'")
     overrides.append(item[len("--config."):])
   return args, overrides
-
-
-def initialize_distributed(args) -> None:
-  """Starts JAX's multi-process runtime: from flags, or from SLURM / TPU when they set it."""
-  import jax
-  explicit = args.coordinator is not None or args.num_processes is not None
-  if explicit:
-    if args.coordinator is None or args.num_processes is None or args.process_id is None:
-      raise UserError("train.py: --coordinator, --num-processes and --process-id go together")
-    local = None
-    if args.local_devices:
-      local = [int(d) for d in args.local_devices.split(",")]
-    # CPU processes need a collectives library of their own (GPUs and TPUs ignore this).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               local_device_ids=local)
-  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
-  elif "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
-    jax.distributed.initialize()
 
 
 def make_workdir(workdir: str) -> None:
@@ -75,52 +53,21 @@ def make_workdir(workdir: str) -> None:
     raise UserError(f"{workdir}: --workdir is not writable")
 
 
-@contextlib.contextmanager
-def hold_workdir(workdir: str):
-  """The workdir's trainer lock for the whole run, taken before anything is written.
-
-  Process 0 takes it for all processes of a multi-host run; the others learn from it
-  whether they may go on, so a refused run stops on every process with exit status 2.
-  """
-  import jax
-  import numpy as np
-  from munet_jax.training.lock import WorkdirLock
-  lock = WorkdirLock(workdir)
-  refusal = None
-  if jax.process_index() == 0:
-    try:
-      lock.acquire()
-    except UserError as e:
-      refusal = e
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    held = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
-    if not int(held) and refusal is None:
-      refusal = UserError(f"{os.path.abspath(workdir)}: process 0 of this run could not take "
-                          "the workdir's trainer lock (its message says why)")
-  if refusal is not None:
-    raise refusal
-  try:
-    yield lock
-  finally:
-    lock.release()
-
-
-def main(argv: Sequence[str]) -> int:
-  from munet_jax.config import apply_overrides, load_config_file
-  args, overrides = parse_args(argv)
+def main(argv: Sequence[str], prog: str = "train.py") -> int:
+  args, overrides = parse_args(argv, prog)
   config = load_config_file(args.config)
   if args.skip_bad:
     overrides.append("data.skip_bad=True")
   if overrides:
     config = apply_overrides(config, overrides)
   make_workdir(args.workdir)
-  from munet_jax.runtime import configure_logging
   configure_logging()
-  initialize_distributed(args)
-  from munet_jax.runtime import configure_jax
+  try:
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                           args.local_devices)
+  except UserError as e:
+    raise UserError(f"{prog}: {e}") from None
   configure_jax()
-  from munet_jax.training import loop
   try:
     with hold_workdir(args.workdir):
       loop.train_and_evaluate(config, args.workdir)
@@ -138,3 +85,6 @@ def main(argv: Sequence[str]) -> int:
           f"Rerun the same command to resume.", file=sys.stderr)
     return 128 + int(e.signum)
   return 0
+
+
+entry = entry_point(lambda argv: main(argv, prog="munet-train"))
