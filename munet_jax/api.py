@@ -6,19 +6,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from munet_jax.checkpoints import load_variables
 from munet_jax.models import from_config
 
 
-def init(rng: jax.Array, config: ml_collections.ConfigDict, image_size: int | None = None) -> dict:
+def init(rng: jax.Array, config: ml_collections.ConfigDict) -> dict:
   """Model variables (`params`, `batch_stats`) for `config`.
 
   Args:
     rng: a JAX PRNG key.
-    config: an experiment config (its `model` section, and `data.image_size` for the
-      shape of the initialising batch; any size gives the same variables).
-    image_size: optional side of the dummy slice used to trace the model (small is fast).
+    config: an experiment config (its `model` section). The variables do not depend on
+      the slice size, so the model is traced on the smallest slice it takes.
   """
-  size = image_size or 2 ** (len(config.model.features) - 1)
+  size = 2 ** (len(config.model.features) - 1)
   model = from_config(config)
   dummy = jnp.zeros((1, size, size, 1), jnp.float32)
   return dict(jax.jit(lambda key: model.init(key, dummy, train=False))(rng))
@@ -60,6 +60,5 @@ def load(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict
   A damaged newest checkpoint falls back to the previous complete one with a one-line
   warning; a missing or wholly damaged run is a `UserError` naming the folder.
   """
-  from munet_jax.checkpoints import load_variables
   config, variables, _ = load_variables(workdir, which)
   return config, variables

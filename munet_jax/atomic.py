@@ -10,6 +10,7 @@ processes of this host.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -51,6 +52,18 @@ def atomic_output(path, suffix: str = "") -> Iterator[str]:
 
 
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def write_json(path, value, durable: bool = False) -> None:
+  """Writes `value` as JSON at `path`, atomically; `durable`: fsync before the rename.
+
+  Non-finite floats are refused (JSON has none): convert them to None first.
+  """
+  with atomic_output(path, ".json") as tmp, open(tmp, "w") as f:
+    json.dump(value, f, indent=1, allow_nan=False)
+    if durable:
+      f.flush()
+      os.fsync(f.fileno())
 
 
 def write_png(fig, path) -> None:

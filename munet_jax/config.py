@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 512                                  # slices centre-padded/cropped to this
   c.data.hu_window = (-250.0, 250.0)                       # clip, section II.E
   c.data.scaled_range = (-1.0, 1.0)                        # the window maps onto this range
-  c.data.split = "lits"                                    # preset: 40/5/35 patients
+  c.data.split = "lits"                                    # preset: 40 train / 5 val / 35 test
   c.data.train_cases = ()                                  # explicit case names (split=custom)
   c.data.val_cases = ()
   c.data.test_cases = ()
@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment.intensity = 0.05
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 100_000
+  c.train.steps = 150_000                                  # 100 epochs of 1,500 steps; the paper gives no total
   c.train.batch_size = 15
   c.train.learning_rate = 1e-4
   c.train.lr_decay_rate = 0.9

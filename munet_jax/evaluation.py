@@ -23,7 +23,6 @@ sizes need the axial axis.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 
 from tqdm import tqdm
 
-from munet_jax.atomic import atomic_output
+from munet_jax.atomic import write_json
 from munet_jax.checkpoints import load_variables
 from munet_jax.data import nifti
 from munet_jax.data.discovery import Case, case_name, is_nifti, list_nifti
@@ -166,12 +165,6 @@ def results(cases: list[dict], source: dict | None = None) -> dict:
   if source is not None:
     document["source"] = source
   return _json_value(document)
-
-
-def write_json(path: str, document: dict) -> None:
-  """Writes JSON atomically (a temporary file in the same folder, then a rename)."""
-  with atomic_output(path, ".json") as tmp, open(tmp, "w") as f:
-    json.dump(document, f, indent=1, allow_nan=False)
 
 
 def _percent(v) -> str:

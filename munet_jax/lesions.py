@@ -35,6 +35,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from munet_jax.labels import bounding_box
+
 SIZE_CLASSES = ("small", "large", "all")
 DEFAULT_SMALL_AREA_MM2 = 28.0 * 28.0
 
@@ -85,9 +87,9 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
 
   # Work inside the bounding box of both masks: labelling is the cost, and tumours are
   # a small part of a CT volume.
-  box = ndimage.find_objects((pred | ref).astype(np.uint8))
-  if box:
-    pred, ref = pred[box[0]], ref[box[0]]
+  box = bounding_box(pred | ref)
+  if box is not None:
+    pred, ref = pred[box], ref[box]
   ref_lab, n_ref = _components(ref, connectivity)
   pred_lab, n_pred = _components(pred, connectivity)
   ref_size, ref_area = _sizes(ref_lab, n_ref, axial_axis)

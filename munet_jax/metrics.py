@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from munet_jax.errors import UserError
+from munet_jax.labels import bounding_box
 
 __all__ = ["DEFAULT_NSD_TOLERANCE", "METRIC_NAMES", "MetricsArgumentError",
            "segmentation_metrics", "surface"]
@@ -88,9 +89,6 @@ _FIRST_WINDOW = 6          # voxels: most surface distances of a fair segmentati
 _RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exceeds it
 _BAND = 8                  # planes along b searched again together when one needs more
 _REF, _PRED = 1, 2         # bits of the packed box
-
-# Number of times the kernel has been traced (compiled), per bucketed shape; tests read it.
-_TRACES: dict[tuple[tuple[int, int, int], int, bool, int, int], int] = {}
 
 
 class MetricsArgumentError(UserError, ValueError):
@@ -132,7 +130,7 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float],
   """
   pred, ref, spacing = _check_arguments(pred, ref, spacing)
   tolerance = _check_tolerance(nsd_tolerance)
-  box_ref, box_pred = _bounding_box(ref), _bounding_box(pred)
+  box_ref, box_pred = bounding_box(ref), bounding_box(pred)
   if box_ref is None and box_pred is None:
     return dict(dsc=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0, hd95=0.0, nsd=1.0)
   if box_ref is None or box_pred is None:
@@ -235,22 +233,6 @@ def _check_tolerance(tolerance) -> float:
         f"segmentation_metrics: nsd_tolerance must be a non-negative finite number, "
         f"got {tolerance!r}")
   return value
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-  """The smallest box holding every True voxel, or None for an empty mask."""
-  if mask.size == 0:
-    return None
-  m = np.ascontiguousarray(mask).view(np.uint8)
-  rows = m.reshape(m.shape[0], -1).max(axis=1)   # one streaming pass each, no temporaries
-  rest = m.max(axis=0)                            # of the volume's size
-  hits = [np.flatnonzero(rows)]
-  for axis in range(rest.ndim):
-    other = tuple(i for i in range(rest.ndim) if i != axis)
-    hits.append(np.flatnonzero(rest.max(axis=other) if other else rest))
-  if hits[0].size == 0:
-    return None
-  return tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits)
 
 
 def _bucket(n: int) -> int:
@@ -361,8 +343,6 @@ def _kernel(packed, spacing, sizes, planes, flat, window=_FIRST_WINDOW, band=_BA
     voxel stands for both directions).
   """
   shape = packed.shape
-  key = (shape, planes, flat, window, band)
-  _TRACES[key] = _TRACES.get(key, 0) + 1
   chunks = (shape[0] - 2) // planes
   _, shape_b, shape_c = shape
   n_a, n_b, n_c = sizes[0], sizes[1], sizes[2]

@@ -18,6 +18,9 @@ import re
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from munet_jax.atomic import write_png
 from munet_jax.labels import liver_mask, tumour_mask
@@ -104,9 +107,6 @@ def render_slice(path: str, hu_slice: np.ndarray | None, pred_slice: np.ndarray,
     title: the figure's title.
     window: HU shown from black to white.
   """
-  from matplotlib.figure import Figure
-  from matplotlib.lines import Line2D
-  from matplotlib.patches import Patch
 
   x, y = ref_slice.shape
   aspect = float(spacing_xy[1]) / float(spacing_xy[0])  # row height over column width

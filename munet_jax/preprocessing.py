@@ -5,6 +5,8 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from munet_jax.config import base_config
+
 
 def preprocess(hu, config: ml_collections.ConfigDict | None = None):
   """Clips Hounsfield units to `data.hu_window` and maps it linearly onto `data.scaled_range`.
@@ -17,7 +19,6 @@ def preprocess(hu, config: ml_collections.ConfigDict | None = None):
     float32 array of the same shape and kind (numpy in, numpy out).
   """
   if config is None:
-    from munet_jax.config import base_config
     config = base_config()
   lo, hi = (float(v) for v in config.data.hu_window)
   out_lo, out_hi = (float(v) for v in config.data.scaled_range)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -44,5 +45,4 @@ def global_batch_from_local(local: dict, mesh: Mesh) -> dict:
 def sync_processes(name: str) -> None:
   """A barrier across the processes of a multi-host run; nothing with one process."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)

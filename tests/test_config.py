@@ -20,11 +20,10 @@ def test_the_required_configs_ship():
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
 def test_every_shipped_config_validates_and_has_the_spec_keys(path):
   c = load_config_file(path)
-  for key in ("seed", "data.root", "train.steps", "train.batch_size",
-              "checkpoint.every_steps", "model.num_classes"):
-    node = c
-    for part in key.split("."):
-      node = node[part]
+  assert isinstance(c.seed, int)
+  assert isinstance(c.data.root, str) and c.data.root
+  assert c.train.steps >= 1 and c.train.batch_size >= 1 and c.checkpoint.every_steps >= 1
+  assert c.model.num_classes == 3   # background, liver, tumour
 
 
 def test_lits_config_is_the_papers_recipe():
@@ -41,6 +40,11 @@ def test_lits_config_is_the_papers_recipe():
 def test_baseline_config_turns_both_mu_net_changes_off():
   c = load_config_file(os.path.join(CONFIG_DIR, "unet_baseline.py"))
   assert not c.model.odu_residual and not c.model.skip_conv
+  lits = load_config_file(os.path.join(CONFIG_DIR, "lits.py")).to_dict()
+  baseline = c.to_dict()
+  for key in ("odu_residual", "skip_conv"):
+    del lits["model"][key], baseline["model"][key]
+  assert baseline == lits   # the same recipe otherwise
 
 
 def test_override_parses_by_the_fields_type():

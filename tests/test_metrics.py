@@ -497,6 +497,7 @@ def test_bad_arguments_are_value_errors(pred, ref, spacing, message):
 def test_one_compilation_per_bucket(group):
   rng = np.random.default_rng(9)
   keys = set()
+  compiled = metrics._kernel._cache_size()
   for shape, spacing in group:
     pred, ref = rng.random(shape) < 0.5, rng.random(shape) < 0.5
     pred[0, 0, 0] = ref[-1, -1, -1] = True          # the box is the whole array
@@ -504,7 +505,8 @@ def test_one_compilation_per_bucket(group):
     keys.add((packed.shape, planes, False, metrics._FIRST_WINDOW, metrics._BAND))
     assert_agrees(pred, ref, spacing, shape)
   assert len(keys) == 1
-  assert metrics._TRACES[keys.pop()] == 1
+  # At most one new program (none when an earlier test of this process compiled the bucket).
+  assert metrics._kernel._cache_size() - compiled <= 1
 
 
 def test_memory_grows_linearly_with_the_box():

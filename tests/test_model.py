@@ -73,7 +73,8 @@ def test_table_one_widths_give_the_known_unet_size():
   # The conventional U-Net with 64..1024 widths and batch norm has 31,042,521 parameters.
   model = MUNet(odu_residual=False, skip_conv=False, residual_learning=False)
   shapes = _shapes(model, jnp.zeros((1, 16, 16, 1)))
-  assert _param_count(shapes["params"]) == _plain_unet_params((64, 128, 256, 512, 1024), 3)
+  assert _param_count(shapes["params"]) == 31_042_521
+  assert _plain_unet_params((64, 128, 256, 512, 1024), 3) == 31_042_521
 
 
 def test_mu_net_changes_add_one_tconv3x3_and_one_conv3x3_per_skip():

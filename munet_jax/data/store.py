@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -32,12 +33,13 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
 import tqdm
 
-from munet_jax.atomic import atomic_output
+from munet_jax.atomic import write_json
 from munet_jax.data import nifti
 from munet_jax.data.discovery import Case, natural_key
 from munet_jax.data.volumes import CaseVolume
@@ -298,7 +300,6 @@ def open_store(cache_dir, names: Iterable[str] | None = None) -> SliceStore:
 
 
 def _stderr_is_terminal() -> bool:
-  import sys
   return sys.stderr.isatty()
 
 
@@ -359,7 +360,7 @@ def _prepare_volume(case: Case, cache_dir: str, fingerprint: dict) -> VolumeInfo
         affine=tuple(tuple(float(v) for v in row) for row in affine),
         liver=_ranges(flags & LIVER), tumor=_ranges(flags & TUMOR),
         image=fingerprint["image"]["path"], label=fingerprint["label"]["path"])
-    _write_json(os.path.join(tmp, "meta.json"), dict(info.to_json(cache_dir),
+    write_json(os.path.join(tmp, "meta.json"), dict(info.to_json(cache_dir),
                                                      fingerprint=fingerprint))
     if os.path.exists(final):   # left by a crash after the rename, before the index
       shutil.rmtree(final)
@@ -440,15 +441,8 @@ def _read_index(cache_dir: str) -> dict:
 
 
 def _write_index(cache_dir: str, index: dict) -> None:
-  _write_json(os.path.join(cache_dir, INDEX), index)
-
-
-def _write_json(path: str, value) -> None:
-  """Atomic and flushed to disk: the index is the only record of which entries are whole."""
-  with atomic_output(path) as tmp, open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
+  # Durable: the index is the only record of which entries are whole.
+  write_json(os.path.join(cache_dir, INDEX), index, durable=True)
 
 
 def _remove_stale(cache_dir: str, entries: dict) -> None:
@@ -466,9 +460,8 @@ def _remove_stale(cache_dir: str, entries: dict) -> None:
 def _locked(cache_dir: str):
   """An exclusive lock on the cache for one preparation (no-op where locks fail)."""
   try:
-    import fcntl
     f = open(os.path.join(cache_dir, ".lock"), "a")
-  except (ImportError, OSError):
+  except OSError:
     yield
     return
   with f:

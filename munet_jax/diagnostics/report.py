@@ -11,7 +11,7 @@ from munet_jax.diagnostics.objects import summarize_rates, volume_object_rates
 from munet_jax.diagnostics.permeation import MIN_BEFORE, SENTINEL
 from munet_jax.diagnostics.plots import plot_permeation, plot_skip_features
 from munet_jax.errors import UserError
-from munet_jax.evaluation import write_json
+from munet_jax.atomic import write_json
 
 
 def _load_run(workdir: str, which: str, flag: str):

@@ -9,11 +9,12 @@ import os
 import time
 
 import numpy as np
+from matplotlib.figure import Figure
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.summary import scalar
 
-from munet_jax.atomic import atomic_output
+from munet_jax.atomic import write_png
 from munet_jax.errors import UserError
 
 
@@ -104,10 +105,6 @@ def plot_curves(workdir: str) -> str | None:
   rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   if not rows:
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   def series(name):
     pts = sorted({r["step"]: r[name] for r in rows if r.get(name) is not None}.items())
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
@@ -115,7 +112,8 @@ def plot_curves(workdir: str) -> str | None:
   panels = [("train/loss", "training loss", True), ("train/learning_rate", "learning rate", False),
             ("val/liver_dsc", "validation DSC", False)]
   panels = [p for p in panels if len(series(p[0])[0])]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+  fig = Figure(figsize=(4.5 * len(panels), 3.5), dpi=100)
+  axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, (name, title, log_scale) in zip(axes[0], panels):
     x, y = series(name)
     ax.plot(x, y, marker="." if len(x) < 30 else None)
@@ -131,7 +129,5 @@ def plot_curves(workdir: str) -> str | None:
     ax.grid(alpha=0.3)
   fig.tight_layout()
   path = os.path.join(workdir, "training_curves.png")
-  with atomic_output(path, ".png") as tmp:
-    fig.savefig(tmp, dpi=100)
-  plt.close(fig)
+  write_png(fig, path)
   return path
