@@ -1,6 +1,6 @@
 """munet-jax: mU-Net for liver and liver-tumour segmentation in CT, in JAX/Flax.
 
-The public API (SPEC.md):
+The public API:
   init(rng, config) -> variables
   apply(variables, images, config, train=False) -> logits (N, H, W, num_classes)
   preprocess(hu, config=None) -> the HU window and scaling of the config

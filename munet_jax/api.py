@@ -1,4 +1,4 @@
-"""The functional entry points of SPEC.md: `init` and `apply` from a config."""
+"""The functional entry points: `init`, `apply` and `load` from a config or a run."""
 
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ def _json_value(v):
 
 
 def results(cases: list[dict], source: dict | None = None) -> dict:
-  """The results.json document of SPEC.md, plus global Dice and lesion detection.
+  """The results.json document (docs/design.md): cases, summary, global Dice, lesions.
 
   Non-finite values become null (JSON has no inf or NaN); the summary leaves them out.
   """

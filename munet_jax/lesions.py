@@ -2,11 +2,11 @@
 
 A *lesion* is a connected component of a tumour mask in 3-D. Components use face
 connectivity (the 6-neighbourhood, `connectivity=1`) by default, the neighbourhood
-SPEC.md's surface definition and medpy's `connectivity=1` use; two tumours that touch
+the surface definition of `munet_jax.metrics` and medpy's `connectivity=1` use; two tumours that touch
 only at an edge or a corner stay two lesions.
 
 A lesion is *small* when its largest axial cross-section is below `small_area_mm2`
-(default 28 x 28 = 784 mm^2, the paper's small-object bound, PAPER.md "Diagnostics"):
+(default 28 x 28 = 784 mm^2, the paper's small-object bound):
 the network sees axial slices, so the in-plane size of the lesion on its largest slice
 is what decides whether it survives the poolings. The area of a slice of a lesion is
 its voxel count on that slice times the in-plane voxel area (mm^2).

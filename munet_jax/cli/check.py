@@ -9,7 +9,7 @@ from munet_jax.cli import Parser, entry_point
 from munet_jax.data.check import check_root
 
 
-def main(argv: Sequence[str], prog: str = "python -m munet_jax.data.check") -> int:
+def main(argv: Sequence[str], prog: str = "munet-check") -> int:
   parser = Parser(
       prog=prog,
       description="Validate every CT volume and label of a data folder (LiTS or Decathlon "
@@ -24,4 +24,7 @@ def main(argv: Sequence[str], prog: str = "python -m munet_jax.data.check") -> i
   return 0
 
 
-entry = entry_point(lambda argv: main(argv, prog="munet-check"))
+entry = entry_point(main)
+
+if __name__ == "__main__":
+  entry()

@@ -22,7 +22,7 @@ from munet_jax.errors import UserError
 from munet_jax.runtime import configure_jax, configure_logging
 
 
-def parse_args(argv: Sequence[str], prog: str = "python -m munet_jax.diagnostics"):
+def parse_args(argv: Sequence[str], prog: str = "munet-diagnose"):
   p = Parser(prog=prog,
              description="Permeation rates (Eq. 7, Fig. 2) and skip features (Fig. 3) of a "
                          "trained mU-Net, on small and large objects of its data.")
@@ -65,7 +65,7 @@ def _format(document: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str], prog: str = "python -m munet_jax.diagnostics") -> int:
+def main(argv: Sequence[str], prog: str = "munet-diagnose") -> int:
   args = parse_args(argv, prog)
   configure_jax()
   configure_logging()
@@ -78,4 +78,7 @@ def main(argv: Sequence[str], prog: str = "python -m munet_jax.diagnostics") -> 
   return 0
 
 
-entry = entry_point(lambda argv: main(argv, prog="munet-diagnose"))
+entry = entry_point(main)
+
+if __name__ == "__main__":
+  entry()

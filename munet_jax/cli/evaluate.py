@@ -1,4 +1,4 @@
-"""Score segmentations, in the paper's table and SPEC.md's results.json.
+"""Score segmentations: the paper's table on the terminal, every number in results.json.
 
   python eval.py --workdir W [--data DIR] [--split test] [--which latest|best] [--overlays N]
       segments every volume of the split with W's checkpoint; writes W/eval/results.json.

@@ -12,7 +12,7 @@ from munet_jax.cli import Parser, entry_point
 from munet_jax.data.ircadb import convert_patient, find_patients
 
 
-def main(argv: Sequence[str], prog: str = "python -m munet_jax.data.ircadb") -> int:
+def main(argv: Sequence[str], prog: str = "munet-ircadb") -> int:
   parser = Parser(
       prog=prog,
       description="Convert 3Dircadb-01 DICOM (3Dircadb1.N/PATIENT_DICOM, MASKS_DICOM) to "
@@ -31,4 +31,7 @@ def main(argv: Sequence[str], prog: str = "python -m munet_jax.data.ircadb") -> 
   return 0
 
 
-entry = entry_point(lambda argv: main(argv, prog="munet-ircadb"))
+entry = entry_point(main)
+
+if __name__ == "__main__":
+  entry()

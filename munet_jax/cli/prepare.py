@@ -18,7 +18,7 @@ from munet_jax.data import discovery, store
 from munet_jax.errors import UserError
 
 
-def main(argv: Sequence[str], prog: str = "python -m munet_jax.data.prepare") -> int:
+def main(argv: Sequence[str], prog: str = "munet-prepare") -> int:
   parser = Parser(
       prog=prog,
       description="Prepare the slice store (memory-mapped int16 slices) of a data folder. "
@@ -46,4 +46,7 @@ def main(argv: Sequence[str], prog: str = "python -m munet_jax.data.prepare") ->
   return 0
 
 
-entry = entry_point(lambda argv: main(argv, prog="munet-prepare"))
+entry = entry_point(main)
+
+if __name__ == "__main__":
+  entry()

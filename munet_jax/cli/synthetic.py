@@ -9,7 +9,7 @@ from munet_jax.cli import Parser, entry_point
 from munet_jax.data.synthetic import write_dataset
 
 
-def main(argv: Sequence[str], prog: str = "python -m munet_jax.data.synthetic") -> int:
+def main(argv: Sequence[str], prog: str = "munet-synthetic") -> int:
   parser = Parser(
       prog=prog,
       description="Write a synthetic CT data set (LiTS layout: volume-N.nii.gz, "
@@ -28,4 +28,7 @@ def main(argv: Sequence[str], prog: str = "python -m munet_jax.data.synthetic") 
   return 0
 
 
-entry = entry_point(lambda argv: main(argv, prog="munet-synthetic"))
+entry = entry_point(main)
+
+if __name__ == "__main__":
+  entry()

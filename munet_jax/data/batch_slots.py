@@ -3,7 +3,7 @@
 Grain's own route puts every batch into a fresh shared-memory block. At 512x512 a batch of
 15 is 24 MB (int16 images, int32 labels), and touching that many fresh pages costs more
 than building the batch (about 28 ms against 3 ms on the 2-core benchmark machine, see
-bench/results_data.md). So the main process allocates, once, a few slots per worker; a
+bench/RESULTS.md, "Why batches cross in reused shared-memory slots"). So the main process allocates, once, a few slots per worker; a
 worker fills a free slot and sends only its number through Grain, and the main process
 copies the batch out and frees the slot. Pages are touched once, then reused.
 

@@ -60,7 +60,6 @@ def check_root(root, require_labels: bool = True, progress: bool = False) -> Sum
   return check_cases(discovery.find_cases(root, require_labels=require_labels), progress)
 
 
-if __name__ == "__main__":   # the `munet-check` tool
-  import sys
-  from munet_jax.cli import check, run
-  sys.exit(run(check.main))
+if __name__ == "__main__":   # the `munet-check` tool (munet_jax.cli.check); the library never imports it
+  import runpy
+  runpy.run_module("munet_jax.cli.check", run_name="__main__")

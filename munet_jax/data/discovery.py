@@ -1,4 +1,4 @@
-"""Finding the cases (patients) of a data root, in either layout of SPEC.md.
+"""Finding the cases (patients) of a data root, in the LiTS or the Decathlon layout.
 
 - LiTS: `volume-N.nii[.gz]` with `segmentation-N.nii[.gz]`, anywhere below the root (the
   official download spreads them over "Training Batch 1" and "Training Batch 2").

@@ -24,7 +24,6 @@ import dataclasses
 import io
 import os
 import re
-import sys
 import zipfile
 from typing import Callable
 
@@ -270,6 +269,6 @@ def find_patients(src: str) -> list[str]:
   return sorted(found, key=natural_key)
 
 
-if __name__ == "__main__":   # the `munet-ircadb` tool
-  from munet_jax.cli import ircadb, run
-  sys.exit(run(ircadb.main))
+if __name__ == "__main__":   # the `munet-ircadb` tool (munet_jax.cli.ircadb); the library never imports it
+  import runpy
+  runpy.run_module("munet_jax.cli.ircadb", run_name="__main__")

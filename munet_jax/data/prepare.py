@@ -3,7 +3,6 @@
 The slice store itself is `munet_jax.data.store`.
 """
 
-if __name__ == "__main__":   # the `munet-prepare` tool
-  import sys
-  from munet_jax.cli import prepare, run
-  sys.exit(run(prepare.main))
+if __name__ == "__main__":   # the `munet-prepare` tool (munet_jax.cli.prepare); the library never imports it
+  import runpy
+  runpy.run_module("munet_jax.cli.prepare", run_name="__main__")

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import tqdm
@@ -564,6 +563,6 @@ def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
           for i, l in paths]
 
 
-if __name__ == "__main__":   # the `munet-synthetic` tool
-  from munet_jax.cli import run, synthetic
-  sys.exit(run(synthetic.main))
+if __name__ == "__main__":   # the `munet-synthetic` tool (munet_jax.cli.synthetic); the library never imports it
+  import runpy
+  runpy.run_module("munet_jax.cli.synthetic", run_name="__main__")

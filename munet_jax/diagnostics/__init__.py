@@ -10,7 +10,7 @@ the skip features themselves. This package computes both for a trained network:
   plots.py       the Fig. 2 and Fig. 3 pictures
   report.py      `diagnose`: all of it for a training run's split (`munet-diagnose`)
 
-Definition (our reading of Eq. 7, whose typesetting the PDF lost; PAPER.md):
+Definition (our reading of the paper's Eq. 7, whose typesetting the published PDF lost):
   Stage s = 1 .. S-1 is a skip connection (modules skip_1 .. skip_{S-1}); it works at
   1 / 2**(s-1) of the (padded) input's resolution. For one image, x_s is the encoder
   feature entering the skip ("before_residual") and r_s = x_s - u_s the feature leaving

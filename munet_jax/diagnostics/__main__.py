@@ -1,7 +1,8 @@
-"""`python -m munet_jax.diagnostics`: the `munet-diagnose` tool (`munet_jax.cli.diagnose`)."""
+"""`python -m munet_jax.diagnostics`: the `munet-diagnose` tool (munet_jax.cli.diagnose).
 
-import sys
+Run by name, so that the library never imports the command line.
+"""
 
-from munet_jax.cli import diagnose, run
+import runpy
 
-sys.exit(run(diagnose.main))
+runpy.run_module("munet_jax.cli.diagnose", run_name="__main__")
