@@ -109,7 +109,7 @@ def summarize(cases: list[dict]) -> dict:
 def global_dice(cases: list[dict]) -> dict:
   """LiTS's global Dice per target: all volumes pooled into one, 2|A∩B| / (|A| + |B|).
 
-  1.0 when no volume has the target in either the reference or the prediction (SPEC's
+  1.0 when no volume has the target in either the reference or the prediction (the metrics'
   both-empty convention).
   """
   out = {}

@@ -166,7 +166,7 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float],
 
 
 def surface(mask) -> np.ndarray:
-  """The surface (voxels with a face neighbour outside the object) as a boolean array of `mask`'s shape (2-D or 3-D).
+  """The surface of `mask` as a boolean array of its shape (2-D or 3-D).
 
   The voxels of `mask` with at least one face neighbour (4- or 6-neighbourhood) outside
   it, the array's edge counting as outside. A plain numpy helper for plots and checks.
