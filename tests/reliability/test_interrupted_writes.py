@@ -20,7 +20,7 @@ import harness
 pytestmark = pytest.mark.slow
 
 NIB_SAVE = "munet_jax.data.nifti:nib.save"
-JSON_DUMP = "munet_jax.evaluation:json.dump"
+JSON_DUMP = "munet_jax.atomic:json.dump"   # the results writer, atomic.write_json
 
 
 def _labels(path):

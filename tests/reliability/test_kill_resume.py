@@ -96,7 +96,7 @@ def test_sigkill_while_the_final_results_are_written_then_restart_writes_them(
     tmp_path, tiny_config, reference_run):
   workdir = str(tmp_path / "run")
   result = harness.run("train", "--config", tiny_config, "--workdir", workdir,
-                       fault="munet_jax.evaluation:json.dump:1:after")
+                       fault="munet_jax.atomic:json.dump:1:after")
   assert result.returncode == -9
   results = os.path.join(workdir, "eval", "results.json")
   assert not os.path.exists(results)
