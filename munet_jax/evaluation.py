@@ -308,13 +308,15 @@ def results_path(workdir: str, split: str) -> str:
 
 def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which: str,
              split: str, out: str | None = None, overlays: int = 0,
-             batch_size: int | None = None, progress: bool | None = None) -> tuple[dict, str]:
+             batch_size: int | None = None, progress: bool | None = None,
+             skipped: Sequence[tuple[str, str]] = ()) -> tuple[dict, str]:
   """Segments and scores a run's volumes and writes the results document.
 
   The trainer's final evaluation and `eval.py --workdir` both end here, so the same
   checkpoint on the same cases gives the same document. Its "source" says what was scored:
   workdir, checkpoint_step, which, data (`config.data.root`), split, nsd_tolerance_mm,
-  and "skipped" (the cases left out as bad, with the reasons) when there are any.
+  and "skipped" (the cases left out as bad, with the reasons) when there are any: those
+  of the source, and `skipped` ((case, reason) pairs: the trainer's other bad cases).
 
   Returns:
     (the document, the path it was written to: `out`, else `results_path(workdir, split)`).
@@ -322,14 +324,17 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
   out = out or results_path(workdir, split)
   segmenter = VolumeSegmenter(variables, config, batch_size)
   overlay_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "overlays")
-  entries, skipped = score_volumes(segmenter, volumes, config, overlays, overlay_dir, progress)
+  entries, left_out = score_volumes(segmenter, volumes, config, overlays, overlay_dir, progress)
+  for case, reason in skipped:
+    if case not in {s["case"] for s in left_out}:
+      left_out.append({"case": case, "reason": reason})
   if not entries:
     raise UserError(f"{config.data.root}: every case of the '{split}' split was skipped as bad")
   source = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "which": which,
             "data": os.path.abspath(config.data.root), "split": split,
             "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
-  if skipped:
-    source["skipped"] = skipped
+  if left_out:
+    source["skipped"] = left_out
   document = results(entries, source)
   write_json(out, document)
   return document, out

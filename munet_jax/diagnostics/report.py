@@ -60,7 +60,6 @@ def diagnose(workdir: str, data: str | None = None, split: str = "val", out: str
     raise UserError(f"{root}: data folder not found (give --data)")
   config.data.root = root
   small_mm = small_lesion_mm or float(config.eval.small_lesion_mm)
-  small_area = small_mm ** 2
   chosen = cases_of_split(config, split)
   out = out or os.path.join(workdir, "diagnostics")
   stages = len(config.model.features) - 1
@@ -73,9 +72,28 @@ def diagnose(workdir: str, data: str | None = None, split: str = "val", out: str
       raise UserError(f"{compare_workdir}: {len(compare[0].model.features)} stages, "
                       f"the --workdir run has {stages + 1}")
 
+  records, best = _measure(runs, chosen, small_mm ** 2, max_slices, pooling, batch_size)
+  if not records["run"]:
+    raise UserError(f"{root}: no liver or tumour in the '{split}' split's labels, so "
+                    "no object to measure")
+  document = _document(records, runs, stages, step, compare_workdir, source={
+      "workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "which": which,
+      "data": os.path.abspath(root), "split": split, "cases": [c.name for c in chosen],
+      "max_slices": max_slices}, definition={
+      "pooling": pooling, "sentinel": SENTINEL, "min_before": MIN_BEFORE,
+      "small_area_mm2": small_mm ** 2, "normalisation": "min-max per channel per image",
+      "rate": "masked mean of normalised r_s / masked mean of normalised x_s"})
+  json_path = os.path.join(out, "permeation.json")
+  write_json(json_path, document)
+  pictures = _pictures(out, document, records, runs, best, stages, split, small_mm, pooling)
+  return document, [json_path, *pictures]
+
+
+def _measure(runs, cases, small_area: float, max_slices: int, pooling: str, batch_size: int):
+  """Every object's rates per run, and the slice to picture: (records per run, best)."""
   records = {name: [] for name, _, _ in runs}
   best = None
-  for case in chosen:
+  for case in cases:
     if case.label is None:
       continue
     volume = load_case(case)
@@ -91,52 +109,52 @@ def diagnose(workdir: str, data: str | None = None, split: str = "val", out: str
           score = _slice_score(sl, recs)
           if best is None or score > best[0]:
             best = (score, case.name, sl["slice"], hu[:, :, sl["slice"]].copy(),
-                    ref[:, :, sl["slice"]].copy(), spacing,
-                    [recs[i] for i in sl["objects"]])
+                    ref[:, :, sl["slice"]].copy(), [recs[i] for i in sl["objects"]])
       records[name].extend(recs)
-  if not records["run"]:
-    raise UserError(f"{root}: no liver or tumour in the '{split}' split's labels, so "
-                    "no object to measure")
+  return records, best
 
+
+def _document(records, runs, stages, step, compare_workdir, source, definition) -> dict:
+  """The permeation.json document: what was measured, how, and every object's rates."""
+  config = runs[0][2]
   document = {
-      "source": {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step),
-                 "which": which, "data": os.path.abspath(root), "split": split,
-                 "cases": [c.name for c in chosen], "max_slices": max_slices},
-      "definition": {"pooling": pooling, "sentinel": SENTINEL, "min_before": MIN_BEFORE,
-                     "small_area_mm2": small_area, "normalisation": "min-max per channel per image",
-                     "rate": "masked mean of normalised r_s / masked mean of normalised x_s"},
-      "stages": list(range(1, stages + 1)),
+      "source": source, "definition": definition, "stages": list(range(1, stages + 1)),
       "model": {"odu_residual": bool(config.model.odu_residual),
                 "skip_conv": bool(config.model.skip_conv),
                 "features": list(config.model.features)},
       "summary": summarize_rates(records["run"], stages),
       "objects": records["run"],
   }
-  if compare is not None:
+  if len(runs) > 1:
+    other = runs[1][2]
     document["compare"] = {
         "workdir": os.path.abspath(compare_workdir),
-        "model": {"odu_residual": bool(compare[0].model.odu_residual),
-                  "skip_conv": bool(compare[0].model.skip_conv)},
+        "model": {"odu_residual": bool(other.model.odu_residual),
+                  "skip_conv": bool(other.model.skip_conv)},
         "summary": summarize_rates(records["compare"], stages),
         "objects": records["compare"]}
-  json_path = os.path.join(out, "permeation.json")
-  write_json(json_path, document)
+  return document
 
+
+def _pictures(out, document, records, runs, best, stages, split, small_mm, pooling) -> list[str]:
+  """permeation.png (Fig. 2) and skip_features.png (Fig. 3); their paths."""
+  config = runs[0][2]
+  compared = len(runs) > 1
   series, dots = {}, {}
   for name, recs in records.items():
     summary = document["summary"] if name == "run" else document["compare"]["summary"]
     for group in ("small", "large"):
-      label = group if compare is None else (
+      label = group if not compared else (
           f"{group}, {_model_name(config)}" if name == "run"
-          else f"{group}, {_model_name(compare[0])} (compare)")
+          else f"{group}, {_model_name(runs[1][2])} (compare)")
       series[label] = summary[group]
       dots[label] = [r["rates"] for r in recs if r["small"] == (group == "small")]
-  model_name = _model_name(config)
-  plot_permeation(os.path.join(out, "permeation.png"), series, stages,
-                  f"permeation rate, {model_name}, '{split}' split "
+  rates_png = os.path.join(out, "permeation.png")
+  plot_permeation(rates_png, series, stages,
+                  f"permeation rate, {_model_name(config)}, '{split}' split "
                   f"(small: < {small_mm:g} x {small_mm:g} mm²)", dots)
 
-  _, case_name, z, hu_slice, ref_slice, spacing, objs = best
+  _, case_name, z, hu_slice, ref_slice, objs = best
   rate_lines = []
   for kind, small in (("tumour", True), ("tumour", False), ("liver", False)):
     picked = [o for o in objs if o["kind"] == kind and o["small"] == small]
@@ -145,13 +163,13 @@ def diagnose(workdir: str, data: str | None = None, split: str = "val", out: str
                                                                      key=lambda o: o["pixels"])
       rate_lines.append((("small" if small else "large") + (" tum." if kind == "tumour"
                                                             else " liver"), o["rates"]))
-  named = [(("mU-Net" if c.model.odu_residual and c.model.skip_conv else _model_name(c))
-            + (" (compare)" if name == "compare" else ""), v, c) for name, v, c in runs]
-  plot_skip_features(os.path.join(out, "skip_features.png"), hu_slice, ref_slice, named,
+  named = [(_model_name(c) + (" (compare)" if name == "compare" else ""), v, c)
+           for name, v, c in runs]
+  features_png = os.path.join(out, "skip_features.png")
+  plot_skip_features(features_png, hu_slice, ref_slice, named,
                      f"{case_name}, axial slice {z}: skip features (channel mean of "
                      f"normalised maps)", rate_lines[:2], pooling)
-  return document, [json_path, os.path.join(out, "permeation.png"),
-                    os.path.join(out, "skip_features.png")]
+  return [rates_png, features_png]
 
 
 def _model_name(config) -> str:

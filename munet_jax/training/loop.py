@@ -256,13 +256,15 @@ def final_evaluation(variables, config, split, slice_store, workdir, step: int) 
   The same scorer and the same document as `eval.py --workdir W --split SPLIT` on this
   checkpoint (`evaluation.evaluate`), written to the same place (`results_path`); the
   volumes come from the slice store, which holds what the NIfTI files hold (HU as int16).
+  Its "source" lists every case the run left out as bad, of any split.
   """
   name = config.train.final_eval_split
   if not name or not split[name] or jax.process_index() != 0:
     return None
   volumes = evaluation.store_volumes(slice_store, [c.name for c in split[name]])
   document, path = evaluation.evaluate(variables, config, volumes, workdir=workdir, step=step,
-                                       which="latest", split=name, progress=True)
+                                       which="latest", split=name, progress=True,
+                                       skipped=slice_store.skipped)
   print(f"\n{name} split, {len(document['cases'])} volumes (results in {path}):")
   print(evaluation.format_table(document), flush=True)
   if slice_store.skipped:

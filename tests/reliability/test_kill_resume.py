@@ -98,14 +98,14 @@ def test_sigkill_while_the_final_results_are_written_then_restart_writes_them(
   result = harness.run("train", "--config", tiny_config, "--workdir", workdir,
                        fault="munet_jax.atomic:json.dump:1:after")
   assert result.returncode == -9
-  results = os.path.join(workdir, "eval", "results.json")
+  results = os.path.join(workdir, "eval", "results-val.json")   # the val split's name
   assert not os.path.exists(results)
   assert harness.complete_steps(workdir)[-1] == harness.STEPS
   final = _complete_run(tiny_config, workdir)
   assert "val split, 1 volumes" in final.stdout
   assert harness.read_json(results) == harness.read_json(
-      os.path.join(reference_run[0], "eval", "results.json"))
-  assert [n for n in os.listdir(os.path.dirname(results)) if n != "results.json"] == []
+      os.path.join(reference_run[0], "eval", "results-val.json"))
+  assert [n for n in os.listdir(os.path.dirname(results)) if n != "results-val.json"] == []
 
 
 def test_a_metrics_row_cut_short_by_a_kill_does_not_swallow_the_next_row(

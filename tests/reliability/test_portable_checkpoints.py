@@ -74,10 +74,11 @@ def test_a_checkpoint_is_read_on_another_device_count(tmp_path, tiny_config, dat
       nifti.to_ras(ct.data, ct.affine)), ct.affine)
   np.testing.assert_array_equal(nifti.read_label(str(out), like=ct).data, expected)
 
-  # eval.py on another device count: the trainer's final table of the same checkpoint.
+  # eval.py on another device count: the trainer's final table of the same checkpoint,
+  # written where eval.py writes it.
+  trainer = json.load(open(workdir / "eval" / "results-val.json"))
   evaluated = harness.run("eval", "--workdir", workdir, "--split", "val", **_devices(read_on))
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  trainer = json.load(open(workdir / "eval" / "results.json"))
   tool = json.load(open(workdir / "eval" / "results-val.json"))
   assert trainer["source"]["checkpoint_step"] == tool["source"]["checkpoint_step"] == STEPS
   for document in (trainer, tool):

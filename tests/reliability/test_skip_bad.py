@@ -55,7 +55,7 @@ def test_skip_bad_trains_without_it_and_the_report_lists_it(tmp_path, broken_roo
   assert line.startswith("skipped volume-3: ") and "volume-3.nii.gz" in line, line
   assert "skipped as bad (1, not trained on or scored): volume-3" in result.stdout
   assert harness.complete_steps(tmp_path / "run")[-1] == 2
-  document = harness.read_json(tmp_path / "run" / "eval" / "results.json")
+  document = harness.read_json(tmp_path / "run" / "eval" / "results-val.json")
   [skipped] = document["source"]["skipped"]
   assert skipped["case"] == "volume-3" and "volume-3.nii.gz" in skipped["reason"]
   assert "volume-3" not in [c["case"] for c in document["cases"]]
