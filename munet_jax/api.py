@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from munet_jax.checkpoints import load_variables
-from munet_jax.models import from_config
+from munet_jax.models import from_config, pooling_factor
 
 
 def init(rng: jax.Array, config: ml_collections.ConfigDict) -> dict:
@@ -18,7 +18,7 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict) -> dict:
     config: an experiment config (its `model` section). The variables do not depend on
       the slice size, so the model is traced on the smallest slice it takes.
   """
-  size = 2 ** (len(config.model.features) - 1)
+  size = pooling_factor(len(config.model.features))
   model = from_config(config)
   dummy = jnp.zeros((1, size, size, 1), jnp.float32)
   return dict(jax.jit(lambda key: model.init(key, dummy, train=False))(rng))

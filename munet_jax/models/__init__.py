@@ -1,5 +1,5 @@
 """Network definitions."""
 
-from munet_jax.models.munet import MUNet, ObjectDependentUpsampling, from_config, padding
+from munet_jax.models.munet import MUNet, ObjectDependentUpsampling, from_config, padding, pooling_factor
 
-__all__ = ["MUNet", "ObjectDependentUpsampling", "from_config", "padding"]
+__all__ = ["MUNet", "ObjectDependentUpsampling", "from_config", "padding", "pooling_factor"]

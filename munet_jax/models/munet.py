@@ -260,10 +260,15 @@ class DecoderStage(nn.Module):
 
 
 
+def pooling_factor(stages: int) -> int:
+  """2**(stages - 1): a network with `stages` stages takes slices whose sides divide by it."""
+  return 2 ** (stages - 1)
+
+
 def padding(stages: int, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
   """((top, bottom), (left, right)): the edge padding that brings an (h, w) slice to a
-  multiple of 2**(stages - 1), the pooling factor of a network with `stages` stages."""
-  multiple = 2 ** (stages - 1)
+  multiple of `pooling_factor(stages)`."""
+  multiple = pooling_factor(stages)
   ph, pw = (-h) % multiple, (-w) % multiple
   return (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)
 

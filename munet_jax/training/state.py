@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from munet_jax.models import from_config
+from munet_jax.models import from_config, pooling_factor
 from munet_jax.preprocessing import preprocess
 from munet_jax.training.losses import get_loss
 from munet_jax.training.optimizer import create_optimizer, learning_rate_schedule
@@ -27,7 +27,7 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
   """Fresh variables (section II.E initialisation) and Adam state for `config`."""
   model = from_config(config)
   init_key, dropout_key = jax.random.split(rng)
-  size = 2 ** (len(config.model.features) - 1)
+  size = pooling_factor(len(config.model.features))   # the smallest slice it takes
   variables = model.init(init_key, jnp.zeros((1, size, size, 1), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            tx=create_optimizer(config), batch_stats=variables["batch_stats"],
