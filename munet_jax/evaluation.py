@@ -309,7 +309,8 @@ def results_path(workdir: str, split: str) -> str:
 def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which: str,
              split: str, out: str | None = None, overlays: int = 0,
              batch_size: int | None = None, progress: bool | None = None,
-             skipped: Sequence[tuple[str, str]] = ()) -> tuple[dict, str]:
+             skipped: Sequence[tuple[str, str]] = (),
+             allow_empty: bool = False) -> tuple[dict, str]:
   """Segments and scores a run's volumes and writes the results document.
 
   The trainer's final evaluation and `eval.py --workdir` both end here, so the same
@@ -317,6 +318,9 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
   workdir, checkpoint_step, which, data (`config.data.root`), split, nsd_tolerance_mm,
   and "skipped" (the cases left out as bad, with the reasons) when there are any: those
   of the source, and `skipped` ((case, reason) pairs: the trainer's other bad cases).
+
+  A split whose every case was left out as bad is a `UserError`, unless `allow_empty`
+  (the trainer, which has trained and must still report what it left out).
 
   Returns:
     (the document, the path it was written to: `out`, else `results_path(workdir, split)`).
@@ -328,7 +332,7 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
   for case, reason in skipped:
     if case not in {s["case"] for s in left_out}:
       left_out.append({"case": case, "reason": reason})
-  if not entries:
+  if not entries and not allow_empty:
     raise UserError(f"{config.data.root}: every case of the '{split}' split was skipped as bad")
   source = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "which": which,
             "data": os.path.abspath(config.data.root), "split": split,

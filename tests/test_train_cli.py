@@ -60,7 +60,7 @@ def test_a_run_checkpoints_logs_plots_and_prints_the_table(uninterrupted):
   assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
   assert (workdir / "training_curves.png").stat().st_size > 1000
   assert os.listdir(workdir / "tensorboard")
-  results = json.loads((workdir / "eval" / "results.json").read_text())
+  results = json.loads((workdir / "eval" / "results-val.json").read_text())   # final: val
   assert [c["case"] for c in results["cases"]] and "liver" in results["summary"]
   assert "DSC %" in out and "liver" in out
 

@@ -261,10 +261,14 @@ def final_evaluation(variables, config, split, slice_store, workdir, step: int) 
   name = config.train.final_eval_split
   if not name or not split[name] or jax.process_index() != 0:
     return None
-  volumes = evaluation.store_volumes(slice_store, [c.name for c in split[name]])
+  # Cases left out as bad were reported when the store was prepared: scored are the others,
+  # and the document's source lists them all.
+  stored = set(slice_store.names)
+  volumes = evaluation.store_volumes(slice_store,
+                                     [c.name for c in split[name] if c.name in stored])
   document, path = evaluation.evaluate(variables, config, volumes, workdir=workdir, step=step,
                                        which="latest", split=name, progress=True,
-                                       skipped=slice_store.skipped)
+                                       skipped=slice_store.skipped, allow_empty=True)
   print(f"\n{name} split, {len(document['cases'])} volumes (results in {path}):")
   print(evaluation.format_table(document), flush=True)
   if slice_store.skipped:

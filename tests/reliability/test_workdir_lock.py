@@ -65,19 +65,24 @@ def test_a_second_trainer_on_the_same_workdir_exits_2_before_touching_it(
   workdir = tmp_path / "run"
   first = harness.start("train", "--config", tiny_config, "--workdir", workdir)
   harness.wait_until(lambda: harness.complete_steps(workdir), first, what="a checkpoint")
-  before = sorted(os.listdir(workdir)), open(workdir / "metrics.jsonl").read()
-  second = harness.run("train", "--config", tiny_config, "--workdir", workdir)
-  still_running = first.poll() is None
+  # Paused, the first trainer is still running (and holds the lock) however long the
+  # second takes to start on a loaded machine.
+  os.kill(first.pid, signal.SIGSTOP)
+  try:
+    before = sorted(os.listdir(workdir)), open(workdir / "metrics.jsonl").read()
+    second = harness.run("train", "--config", tiny_config, "--workdir", workdir)
+    after = sorted(os.listdir(workdir)), open(workdir / "metrics.jsonl").read()
+  finally:
+    os.kill(first.pid, signal.SIGCONT)
   line = harness.assert_one_error_line(second, str(workdir), f"pid {first.pid}",
                                        "another trainer")
   assert second.stdout == "", second.stdout
+  assert after == before   # the refused trainer wrote nothing
   first_done = harness.finish(first)
   assert first_done.returncode == 0, first_done.stderr[-3000:]
-  if still_running:   # the refused trainer wrote nothing: no second row of any step
-    rows = [json.loads(l)["step"] for l in open(workdir / "metrics.jsonl")
-            if "train/loss" in json.loads(l)]
-    assert rows == sorted(set(rows)), rows
-    assert before[1] in open(workdir / "metrics.jsonl").read()
+  rows = [json.loads(l)["step"] for l in open(workdir / "metrics.jsonl")
+          if "train/loss" in json.loads(l)]
+  assert rows == sorted(set(rows)), rows
   harness.assert_same_state(workdir, reference_run[0])
   assert "host" in line
 
