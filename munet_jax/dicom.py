@@ -115,7 +115,7 @@ def find_series(folder: str, quiet: bool = False) -> list[Series]:
   series = []
   for uid in sorted(groups):
     files = groups[uid]
-    if any("LOCALIZER" in [str(t).upper() for t in ds.get("ImageType", [])] for _, ds in files):
+    if any("LOCALIZER" in _image_type(ds) for _, ds in files):
       if not quiet:
         print(f"note: {files[0][0]}: localizer series {uid} is left out", file=sys.stderr)
       continue
@@ -123,6 +123,12 @@ def find_series(folder: str, quiet: bool = False) -> list[Series]:
   if not series:
     raise UserError(f"{folder}: no CT series to segment (only localizer images)")
   return series
+
+
+def _image_type(ds) -> list[str]:
+  value = ds.get("ImageType", [])
+  values = [value] if isinstance(value, (str, bytes)) else list(value)
+  return [str(v).upper() for v in values]
 
 
 def _floats(ds, key: str, path: str, n: int) -> np.ndarray:
@@ -235,34 +241,33 @@ def read_series(series: Series) -> nifti.Volume:
     `path` the series' first file.
   """
   columns, rows, n = series.shape
-  raw, slopes, intercepts = [], [], []
-  for path in series.files:
+  hu = None
+  for k, path in enumerate(series.files):
+    ds = None
     try:
       ds = pydicom.dcmread(path)
       pixels = ds.pixel_array
     except Exception as e:  # compressed without a decoder, truncated, ...
-      syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) \
-          if "ds" in locals() else None
+      syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
       name = f" (transfer syntax {syntax.name})" if syntax is not None else ""
       raise UserError(f"{path}: cannot read the pixel data{name}: "
                       f"{' '.join(str(e).split())[:160]}") from e
     if pixels.shape != (rows, columns):
       raise UserError(f"{path}: pixel data of shape {pixels.shape}, expected "
                       f"{rows}x{columns}")
-    raw.append(pixels)
-    slopes.append(float(ds.get("RescaleSlope", 1) or 1))
-    intercepts.append(float(ds.get("RescaleIntercept", 0) or 0))
-  stack = np.stack(raw, axis=-1)                       # (rows, columns, slices)
-  slope = np.array(slopes)
-  inter = np.array(intercepts)
-  integral = np.all(slope == np.round(slope)) and np.all(inter == np.round(inter))
-  if integral and stack.dtype.kind in "iu":
-    hu = stack.astype(np.int32) * slope.astype(np.int32) + inter.astype(np.int32)
-    if hu.size and np.iinfo(np.int16).min <= hu.min() and hu.max() <= np.iinfo(np.int16).max:
-      hu = hu.astype(np.int16)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    inter = float(ds.get("RescaleIntercept", 0) or 0)
+    exact = pixels.dtype.kind in "iu" and slope.is_integer() and inter.is_integer()
+    if hu is None:
+      hu = np.empty((columns, rows, n), np.int32 if exact else np.float32)
+    elif not exact and hu.dtype != np.float32:
+      hu = hu.astype(np.float32)   # a later slice with a fractional rescale
+    if hu.dtype == np.int32:
+      hu[:, :, k] = pixels.T.astype(np.int32) * int(slope) + int(inter)
     else:
-      hu = hu.astype(np.float32)
-  else:
-    hu = stack.astype(np.float32) * slope.astype(np.float32) + inter.astype(np.float32)
-  return nifti.Volume(data=np.ascontiguousarray(hu.transpose(1, 0, 2)),
-                      affine=series.affine.copy(), path=series.files[0])
+      hu[:, :, k] = pixels.T.astype(np.float32) * np.float32(slope) + np.float32(inter)
+  if hu.dtype == np.int32:
+    small = np.iinfo(np.int16)
+    hu = hu.astype(np.int16) if small.min <= hu.min() and hu.max() <= small.max \
+        else hu.astype(np.float32)
+  return nifti.Volume(data=hu, affine=series.affine.copy(), path=series.files[0])

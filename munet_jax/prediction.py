@@ -7,8 +7,8 @@ ITK's series reader) or DICOM Segmentation objects referencing the series
 (`munet_jax.dicom_seg`), and, when asked, the per-class softmax beside the labels.
 
 The model comes in as a function, `segment(hu, probabilities) -> (labels, probabilities
-or None)` on RAS (X, Y, Z) volumes, so a checkpoint (`inference.predict_path`) and an
-ONNX file (`munet_jax.onnx_predict`) share this module; it imports no JAX.
+or None)` on RAS (X, Y, Z) volumes (`inference.predict_path` hands it a
+`VolumeSegmenter`), so this module imports no JAX.
 
 Probabilities are written as a 4-D NIfTI file NAME_probabilities.nii.gz, (X, Y, Z,
 classes) on the labels' grid, uint8 with scl_slope 1/255: a reader that applies the

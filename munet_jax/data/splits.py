@@ -39,7 +39,7 @@ def split_cases(cases: Sequence[Case], config) -> dict[str, list[Case]]:
     cases: from `discovery.find_cases`, names unique.
     config: the experiment config; reads `seed` and `data.split`, `data.train_cases`,
       `data.val_cases`, `data.test_cases`, `data.num_train`, `data.num_val`,
-      `data.num_test`.
+      `data.num_test`, `data.folds`, `data.fold`.
 
   Returns:
     {'train': [...], 'val': [...], 'test': [...]}, disjoint, each in natural name order
