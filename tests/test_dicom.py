@@ -19,17 +19,16 @@ from munet_jax.data import nifti
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 from dicom_series import write_series  # noqa: E402
-from varied_run import make_varied_run  # noqa: E402
+from varied_run import kfold_runs  # noqa: E402
 
 CT = os.path.join(REAL_CT, "ct_abdomen_3mm.nii.gz")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """A tiny run whose labels vary from voxel to voxel (untrained)."""
-  workdir = tmp_path_factory.mktemp("dicom-run") / "work"
-  make_varied_run(str(workdir))
-  return str(workdir)
+  """A tiny run whose labels vary from voxel to voxel (untrained; shared with the
+  ensemble tests of this process)."""
+  return kfold_runs(str(tmp_path_factory.getbasetemp() / "kfold-runs"))[0][0]
 
 
 def _predict(capsys, *args):

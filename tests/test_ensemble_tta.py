@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import jax
 import nibabel as nib
@@ -18,9 +19,7 @@ from munet_jax.prediction import PROBABILITY_SCALE
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 from tiny_run import tiny_run_config  # noqa: E402
-from varied_run import make_varied_runs, phantom  # noqa: E402
-
-TEST_CASES = ("volume-0", "volume-3")
+from varied_run import TEST_CASES, kfold_runs, phantom  # noqa: E402
 # A uint8 probability is round(255 p): within half a step of the float softmax, plus the
 # float32 rounding of sums of a few softmaxes (well below 1e-6).
 HALF_STEP = 0.5 / PROBABILITY_SCALE + 1e-6
@@ -38,22 +37,10 @@ def _cli(module, capsys, *args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Two folds (kfold, 2 folds, volume-0 and volume-3 held out as test) of varied runs,
-  and a third run of another HU window (its own workdir, 'other')."""
-  from munet_jax.data import synthetic
-  base = tmp_path_factory.mktemp("ensemble")
-  data = base / "data"
-  synthetic.write_dataset(str(data), 4, 32, seed=1, slices=5, progress=False)
-  configs = []
-  for fold in (0, 1):
-    c = tiny_run_config(str(data))
-    c.data.split, c.data.folds, c.data.fold, c.data.test_cases = "kfold", 2, fold, TEST_CASES
-    configs.append(c)
-  other = tiny_run_config(str(data))
-  other.data.hu_window = (-100.0, 200.0)
-  workdirs = [str(base / f"fold{f}") for f in (0, 1)]
-  made = make_varied_runs(workdirs + [str(base / "other")], configs + [other])
-  return workdirs, [v for _, v in made[:2]], configs[0], data
+  """Two folds (kfold, 2 folds, volume-0 and volume-3 held out as test) of varied runs."""
+  workdirs, variables, config, data, _ = kfold_runs(str(tmp_path_factory.getbasetemp()
+                                                        / "kfold-runs"))
+  return workdirs, variables, config, Path(data)
 
 
 def _softmax(variables, config, hu, axes=()):
@@ -148,7 +135,7 @@ def test_an_ensemble_is_refused_on_a_split_its_runs_do_not_share(runs, tmp_path,
 
 def test_an_ensemble_of_runs_with_other_preprocessing_is_refused(runs, tmp_path, capsys):
   workdirs, _, _, data = runs
-  other = os.path.join(os.path.dirname(workdirs[0]), "other")
+  other = kfold_runs(None)[4]
   status, _, err = _cli(predict_cli, capsys, "--workdir", workdirs[0], other,
                         "--input", data / "volume-1.nii.gz", "--output", tmp_path / "p.nii.gz")
   assert status == 2 and err.count("\n") == 1

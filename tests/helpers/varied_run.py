@@ -37,6 +37,33 @@ def make_varied_run(workdir, data_root="data/none", seed=0, config=None):
   return _make(workdir, config, _initial_state(config)(seed))
 
 
+TEST_CASES = ("volume-0", "volume-3")
+_FOLDS = {}
+
+
+def kfold_runs(base):
+  """Made once per test process under `base`: a 4-case synthetic data root and three
+  varied runs, folds 0 and 1 of a 2-fold 'kfold' split holding TEST_CASES out, and
+  'other', of another HU window. Returns (fold workdirs, their variables, the fold-0
+  config, the data root, the 'other' workdir)."""
+  if not _FOLDS:
+    from munet_jax.data import synthetic
+    data = os.path.join(base, "data")
+    synthetic.write_dataset(data, 4, 32, seed=1, slices=5, progress=False)
+    configs = []
+    for fold in (0, 1):
+      c = tiny_run_config(data)
+      c.data.split, c.data.folds, c.data.fold, c.data.test_cases = "kfold", 2, fold, TEST_CASES
+      configs.append(c)
+    other = tiny_run_config(data)
+    other.data.hu_window = (-100.0, 200.0)
+    workdirs = [os.path.join(base, f"fold{f}") for f in (0, 1)]
+    made = make_varied_runs(workdirs + [os.path.join(base, "other")], configs + [other])
+    _FOLDS["runs"] = (workdirs, [v for _, v in made[:2]], configs[0], data,
+                      os.path.join(base, "other"))
+  return _FOLDS["runs"]
+
+
 def make_varied_runs(workdirs, configs):
   """Several varied runs, seeds 0, 1, ...; one compilation when the models agree."""
   init = _initial_state(configs[0])
