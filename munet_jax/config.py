@@ -23,7 +23,7 @@ from munet_jax.errors import UserError
 LOSSES = ("mse", "dice", "ce_dice")
 SAMPLING = ("all", "liver", "tumor_oversample")
 DTYPES = ("float32", "bfloat16")
-SPLIT_PRESETS = ("lits", "ircadb", "custom")
+SPLIT_PRESETS = ("lits", "ircadb", "custom", "kfold")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_train = 40                                    # counts (split=custom, no lists)
   c.data.num_val = 5
   c.data.num_test = 35
+  c.data.folds = 5                                         # split=kfold: folds of the non-test cases
+  c.data.fold = 0                                          # split=kfold: the validation fold
   c.data.sampling = "all"                                  # all slices, as in the paper
   c.data.tumor_oversample = 0.0                            # extra share of tumour slices
   c.data.num_workers = 2
@@ -94,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 16
   c.eval.largest_liver_component = False                   # post-processing, off as in paper
   c.eval.tumor_inside_liver = False
+  c.eval.tta = False                                       # mean softmax over in-plane mirrorings
   c.eval.small_lesion_mm = 28.0                            # 28 x 28 mm^2 small-object bound
   c.eval.nsd_tolerance_mm = 2.0                            # NSD tolerance: ~2 in-plane voxels
   return c
@@ -175,6 +178,8 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
     need(len(pair) == 2 and all(_finite_number(v) for v in pair) and pair[0] < pair[1],
          f"data.{key}", f"must be two numbers (low, high) with low < high, got {pair!r}")
   need(c.data.split in SPLIT_PRESETS, "data.split", f"must be one of {SPLIT_PRESETS}")
+  need(c.data.folds >= 2, "data.folds", "must be >= 2")
+  need(0 <= c.data.fold < c.data.folds, "data.fold", f"must be in [0, data.folds={c.data.folds})")
   need(c.data.sampling in SAMPLING, "data.sampling", f"must be one of {SAMPLING}")
   need(0.0 <= c.data.tumor_oversample < 1.0, "data.tumor_oversample", "must be in [0, 1)")
   need(c.data.num_workers >= 0, "data.num_workers", "must be >= 0")

@@ -33,13 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from munet_jax.atomic import write_json
-from munet_jax.checkpoints import load_variables
 from munet_jax.data import nifti
 from munet_jax.data.discovery import Case, case_name, is_nifti, list_nifti
 from munet_jax.data.splits import cases_of_split
 from munet_jax.data.volumes import load_case, prefetch
 from munet_jax.errors import UserError, WriteError
-from munet_jax.inference import VolumeSegmenter
+from munet_jax.inference import VolumeSegmenter, load_runs
 from munet_jax.labels import TARGETS, tumour_mask
 from munet_jax.lesions import SIZE_CLASSES, lesion_detection
 from munet_jax.metrics import DEFAULT_NSD_TOLERANCE, METRIC_NAMES, segmentation_metrics
@@ -309,8 +308,8 @@ def results_path(workdir: str, split: str) -> str:
 def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which: str,
              split: str, out: str | None = None, overlays: int = 0,
              batch_size: int | None = None, progress: bool | None = None,
-             skipped: Sequence[tuple[str, str]] = (),
-             allow_empty: bool = False) -> tuple[dict, str]:
+             skipped: Sequence[tuple[str, str]] = (), allow_empty: bool = False,
+             source_extra: dict | None = None) -> tuple[dict, str]:
   """Segments and scores a run's volumes and writes the results document.
 
   The trainer's final evaluation and `eval.py --workdir` both end here, so the same
@@ -318,6 +317,8 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
   workdir, checkpoint_step, which, data (`config.data.root`), split, nsd_tolerance_mm,
   and "skipped" (the cases left out as bad, with the reasons) when there are any: those
   of the source, and `skipped` ((case, reason) pairs: the trainer's other bad cases).
+  `source_extra` adds entries (an ensemble's runs). `variables` may be a list (an
+  ensemble, `VolumeSegmenter`).
 
   A split whose every case was left out as bad is a `UserError`, unless `allow_empty`
   (the trainer, which has trained and must still report what it left out).
@@ -337,6 +338,7 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
   source = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "which": which,
             "data": os.path.abspath(config.data.root), "split": split,
             "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
+  source.update(source_extra or {})
   if left_out:
     source["skipped"] = left_out
   document = results(entries, source)
@@ -344,39 +346,64 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
   return document, out
 
 
-def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
+def evaluate_run(workdir: str | Sequence[str], data: str | None = None, split: str = "test",
                  which: str = "latest", out: str | None = None, overlays: int = 0,
                  batch_size: int | None = None, small_lesion_mm: float | None = None,
                  nsd_tolerance_mm: float | None = None,
-                 progress: bool | None = None) -> tuple[dict, str]:
+                 progress: bool | None = None, tta: bool = False) -> tuple[dict, str]:
   """`eval.py --workdir`: a training run's checkpoint on the NIfTI cases of one split.
 
   Args:
-    workdir: the training run (its checkpoints and config).
+    workdir: the training run (its checkpoints and config), or a list of runs: an
+      ensemble (the mean of their softmax; `inference.load_runs`), scored on the split
+      of the first run's config, which must hold the same cases under every run's config
+      (folds of one cross-validation agree on 'test', not on 'val').
     data: the data root; the run's `data.root` when None.
     split: 'train', 'val' or 'test' by the run's config (`data.split`), or 'all' cases.
     which: 'latest' or 'best' checkpoint.
-    out: the results file; `results_path(workdir, split)` when None.
+    out: the results file; `results_path(workdir, split)` when None (required for an
+      ensemble, whose results belong to no single run).
     overlays: overlay PNGs per case (0: none), in `overlays/` next to `out`.
     batch_size: slices per batch; the run's `eval.batch_size` when None.
     small_lesion_mm: the small-lesion bound; the run's `eval.small_lesion_mm` when None.
     nsd_tolerance_mm: the NSD tolerance; the run's `eval.nsd_tolerance_mm` when None.
     progress: progress bar over volumes; None: only on a terminal.
+    tta: mean softmax over in-plane mirrorings (`eval.tta`).
 
   Returns:
-    (the results document, the path it was written to).
+    (the results document, the path it was written to). An ensemble's "source" holds
+    "ensemble": [{"workdir", "checkpoint_step"}, ...].
   """
-  config, variables, step = load_variables(workdir, which)
+  ensemble = not isinstance(workdir, (str, os.PathLike))
+  if ensemble and out is None:
+    raise UserError(f"{workdir[0]}: an ensemble of {len(workdir)} runs needs --out F.json "
+                    "(its results belong to no single run)")
+  configs, variables, steps = load_runs(workdir if ensemble else os.fspath(workdir), which)
+  config = configs[0]
   if data is not None:
     config.data.root = data   # the split's messages name the folder actually used
   if small_lesion_mm is not None:
     config.eval.small_lesion_mm = float(small_lesion_mm)
   if nsd_tolerance_mm is not None:
     config.eval.nsd_tolerance_mm = float(nsd_tolerance_mm)
+  if tta:
+    config.eval.tta = True
   cases = cases_of_split(config, split)
+  extra = {"tta": True} if config.eval.tta else {}
+  if ensemble:
+    names = [c.name for c in cases]
+    for other, other_config in zip(workdir[1:], configs[1:]):
+      other_config.data.root = config.data.root
+      if [c.name for c in cases_of_split(other_config, split)] != names:
+        raise UserError(f"{other}: its '{split}' split holds other cases than that of "
+                        f"{workdir[0]}; an ensemble is scored on a split all its runs share")
+    extra["ensemble"] = [{"workdir": os.path.abspath(w), "checkpoint_step": int(s)}
+                         for w, s in zip(workdir, steps)]
+    workdir = workdir[0]
   return evaluate(variables, config, nifti_volumes(cases, config.data.skip_bad),
-                  workdir=workdir, step=step, which=which, split=split, out=out,
-                  overlays=overlays, batch_size=batch_size, progress=progress)
+                  workdir=workdir, step=steps[0], which=which, split=split, out=out,
+                  overlays=overlays, batch_size=batch_size, progress=progress,
+                  source_extra=extra)
 
 
 # ------------------------------------------------------------------ label files, no model

@@ -8,7 +8,8 @@ batch is padded and the padding dropped, so every batch of a slice shape reuses 
 compiled program. Hounsfield units travel to the device as int16 when the volume is
 integer (half the bytes of float32) and are windowed there.
 
-`predict_path` is `predict.py`: NIfTI in, NIfTI labels out on exactly the input's grid.
+`predict_path` is `predict.py` on a checkpoint (or an ensemble of runs): NIfTI or DICOM
+in, labels out on exactly the input's grid (`munet_jax.prediction` reads and writes).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
-import sys
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,38 +25,54 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from tqdm import tqdm
-
-from munet_jax import sharding
-from munet_jax.api import load
+from munet_jax import prediction, sharding
+from munet_jax.checkpoints import load_variables
 from munet_jax.config import config_from_dict
-from munet_jax.data import discovery, nifti
-from munet_jax.data.volumes import prefetch
 from munet_jax.errors import UserError
 from munet_jax.labels import LIVER, liver_mask, tumour_mask
 from munet_jax.models import from_config
+from munet_jax.prediction import PROBABILITY_SCALE, plan_outputs  # noqa: F401 (public here too)
 from munet_jax.preprocessing import preprocess
-
-_LITS_LABEL = re.compile(r"^segmentation-\d+\.nii(\.gz)?$")
 
 
 @functools.lru_cache(maxsize=8)
-def _labeller(key: str, devices: tuple) -> tuple[Callable, jax.sharding.Mesh]:
+def _labeller(key: str, devices: tuple, models: int = 1, tta: bool = False,
+              probabilities: bool = False) -> tuple[Callable, jax.sharding.Mesh]:
   """The jitted `(variables, hu (B, H, W)) -> labels (B, H, W) uint8` of a model config.
 
   Cached by the parts of the config that change the computation (the model and the HU
   window), so a new checkpoint, volume or eval setting never recompiles; jit itself
-  compiles once per slice shape and dtype.
+  compiles once per slice shape and dtype. With several `models` (`variables` is then a
+  list, an ensemble) or `tta`, the labels are the argmax of the mean softmax over models
+  and mirrorings; with `probabilities` the function returns (labels, (B, H, W, classes)
+  uint8 softmax x 255) as well.
   """
   config = config_from_dict(json.loads(key))
   model = from_config(config)
   mesh = sharding.make_mesh(list(devices))
+  # In-plane mirrorings of the (B, H, W, 1) batch: none, H, W, both.
+  flips = ((), (1,), (2,), (1, 2)) if tta else ((),)
+  out = sharding.batch_sharding(mesh)
 
-  @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
+  def softmax(variables, images):
+    total = 0.0
+    for v in (variables if models > 1 else [variables]):
+      for axes in flips:
+        logits = model.apply(v, jnp.flip(images, axes) if axes else images, train=False)
+        total = total + jax.nn.softmax(jnp.flip(logits, axes) if axes else logits, axis=-1)
+    return total / (len(flips) * models)
+
+  @functools.partial(jax.jit, out_shardings=(out, out) if probabilities else out)
   def label_slices(variables, hu):
     images = preprocess(hu[..., None], config)
-    logits = model.apply(variables, images, train=False)
-    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+    if models == 1 and not tta and not probabilities:
+      logits = model.apply(variables, images, train=False)
+      return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+    mean = softmax(variables, images)
+    labels = jnp.argmax(mean, axis=-1).astype(jnp.uint8)
+    if not probabilities:
+      return labels
+    return labels, jnp.round(mean * PROBABILITY_SCALE).astype(jnp.uint8)
 
   return label_slices, mesh
 
@@ -91,25 +106,34 @@ def _transfer_dtype(hu: np.ndarray) -> np.dtype:
 
 
 class VolumeSegmenter:
-  """Segments CT volumes with one set of variables; reuse it across volumes.
+  """Segments CT volumes with one set of variables, or an ensemble; reuse it across volumes.
 
   Args:
-    variables: model variables ({'params', 'batch_stats'}).
-    config: the run's config (model, HU window, `eval.*`).
+    variables: model variables ({'params', 'batch_stats'}), or a list of them (an
+      ensemble of runs of one architecture and HU window: the mean of their softmax).
+    config: the run's config (model, HU window, `eval.*`; `eval.tta` mirrors each slice
+      along both in-plane axes and averages the four softmaxes).
     batch_size: slices per batch; `eval.batch_size` when None. Rounded up to a multiple
       of the local device count.
     devices: devices to shard batches over; this process's devices when None.
   """
 
-  def __init__(self, variables: dict, config: ml_collections.ConfigDict,
+  def __init__(self, variables: dict | Sequence[dict], config: ml_collections.ConfigDict,
                batch_size: int | None = None, devices=None):
     devices = tuple(devices if devices is not None else jax.local_devices())
     self.config = config
-    self._label, self.mesh = _labeller(_computation_key(config), devices)
+    self._models = 1 if isinstance(variables, Mapping) else len(variables)
+    if self._models == 0:
+      raise ValueError("an ensemble needs at least one set of variables")
+    self._key = (_computation_key(config), devices, self._models, bool(config.eval.tta))
+    self._label, self.mesh = _labeller(*self._key)
     self._sharding = sharding.batch_sharding(self.mesh)
     self.batch_size = sharding.padded_batch_size(batch_size or config.eval.batch_size,
                                                  len(devices))
-    self.variables = _replicate(variables, self.mesh)
+    if self._models == 1 and not isinstance(variables, Mapping):
+      variables = variables[0]
+    self.variables = (_replicate(variables, self.mesh) if self._models == 1
+                      else [_replicate(v, self.mesh) for v in variables])
 
   def __call__(self, hu: np.ndarray) -> np.ndarray:
     """Labels (0/1/2, uint8) for a CT volume.
@@ -120,31 +144,51 @@ class VolumeSegmenter:
     Returns:
       (X, Y, Z) uint8 labels, post-processed as `eval.*` asks.
     """
+    return self.segment(hu)[0]
+
+  def segment(self, hu: np.ndarray, probabilities: bool = False
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(labels, probabilities): as `__call__`, and the softmax when asked.
+
+    Returns:
+      (X, Y, Z) uint8 labels (post-processed), and (X, Y, Z, classes) uint8 softmax x 255
+      (`PROBABILITY_SCALE`; the mean over the ensemble and mirrorings, before
+      post-processing) or None.
+    """
     hu = np.asarray(hu)
     if hu.ndim != 3:
       raise ValueError(f"expected a 3-D volume, got shape {hu.shape}")
     x, y, z = hu.shape
+    label = _labeller(*self._key, probabilities)[0] if probabilities else self._label
     dtype = _transfer_dtype(hu)
     batch = self.batch_size
     out = np.empty((z, x, y), np.uint8)
+    probs = (np.empty((z, x, y, self.config.model.num_classes), np.uint8)
+             if probabilities else None)
     pending = None
     for start in range(0, z, batch):
       stop = min(start + batch, z)
       # A fresh host buffer per batch: the transfer may still be reading the last one.
       images = np.zeros((batch, x, y), dtype)
       images[:stop - start] = np.moveaxis(hu[:, :, start:stop], -1, 0)
-      labels = self._label(self.variables, jax.device_put(images, self._sharding))
+      result = label(self.variables, jax.device_put(images, self._sharding))
       # Fetch the previous batch while this one runs: the host and device overlap.
       if pending is not None:
-        self._fetch(out, *pending)
-      pending = (start, stop, labels)
+        self._fetch(out, probs, *pending)
+      pending = (start, stop, result)
     if pending is not None:
-      self._fetch(out, *pending)
-    return postprocess(np.moveaxis(out, 0, -1), self.config)
+      self._fetch(out, probs, *pending)
+    labels = postprocess(np.moveaxis(out, 0, -1), self.config)
+    return labels, None if probs is None else np.moveaxis(probs, 0, 2)
 
   @staticmethod
-  def _fetch(out, start, stop, labels):
-    out[start:stop] = np.asarray(jax.device_get(labels))[:stop - start]
+  def _fetch(out, probs, start, stop, result):
+    if probs is None:
+      out[start:stop] = np.asarray(jax.device_get(result))[:stop - start]
+    else:
+      labels, p = jax.device_get(result)
+      out[start:stop] = np.asarray(labels)[:stop - start]
+      probs[start:stop] = np.asarray(p)[:stop - start]
 
 
 def postprocess(labels: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -175,86 +219,57 @@ def postprocess(labels: np.ndarray, config: ml_collections.ConfigDict) -> np.nda
   return labels
 
 
-def plan_outputs(input_path: str, output_path: str) -> list[tuple[str, str]]:
-  """(input CT file, output label file) pairs for predict.py; checks the paths.
+def load_runs(workdirs: str | Sequence[str], which: str = "latest"
+              ) -> tuple[list[ml_collections.ConfigDict], dict | list[dict], list[int]]:
+  """(configs, variables, checkpoint steps) of one run, or of an ensemble of runs.
 
-  A file in gives the file `output_path` (or, when `output_path` is an existing folder,
-  CASE.nii.gz in it); a folder in gives OUTPUT/CASE.nii.gz for every NIfTI file of it,
-  CASE being the input's name without a Decathlon `_0000` suffix. LiTS label files
-  (segmentation-N.nii[.gz]) in an input folder are left out.
+  One workdir gives its variables; several give a list (an ensemble), one config and step
+  per run. The runs must share the architecture and the HU window (a `UserError` naming
+  the run that differs); the first run's config (its `eval.*`) is the ensemble's.
   """
-  if not os.path.exists(input_path):
-    raise UserError(f"{input_path}: --input not found")
-  if os.path.isdir(input_path):
-    inputs = discovery.list_nifti(input_path)
-    # A LiTS folder holds its label files beside the CT: segmentation-N is not a CT.
-    labels = [p for p in inputs if _LITS_LABEL.match(os.path.basename(p))]
-    if labels:
-      inputs = [p for p in inputs if p not in labels]
-      print(f"note: {len(labels)} LiTS label file(s) (segmentation-N) in {input_path} "
-            "are not CT and are left out", file=sys.stderr)
-    if not inputs:
-      raise UserError(f"{input_path}: no NIfTI files (*.nii, *.nii.gz) in the --input folder")
-    if os.path.exists(output_path) and not os.path.isdir(output_path):
-      raise UserError(f"{output_path}: --output must be a folder when --input is a folder")
-    for path in inputs:
-      suffix = re.search(r"_(\d{4})\.nii(\.gz)?$", os.path.basename(path))
-      if suffix and suffix.group(1) != "0000":
-        raise UserError(f"{path}: only single-channel CT is supported (channel "
-                        f"{suffix.group(1)}; expected NAME.nii.gz or NAME_0000.nii.gz)")
-    pairs = [(p, os.path.join(output_path, discovery.case_name(p) + ".nii.gz")) for p in inputs]
-  else:
-    if not discovery.is_nifti(input_path):
-      raise UserError(f"{input_path}: --input must be a .nii or .nii.gz file or a folder")
-    if os.path.isdir(output_path):
-      pairs = [(input_path, os.path.join(output_path, discovery.case_name(input_path) + ".nii.gz"))]
-    elif not output_path.endswith(discovery.NIFTI_SUFFIXES):
-      raise UserError(f"{output_path}: --output must end in .nii or .nii.gz "
-                      "(or be an existing folder) when --input is a file")
-    else:
-      pairs = [(input_path, output_path)]
-  seen: dict[str, str] = {}
-  inputs_real = {os.path.realpath(p) for p, _ in pairs}
-  for src, dst in pairs:
-    real = os.path.realpath(dst)
-    if real in inputs_real:
-      raise UserError(f"{dst}: output would overwrite an input CT file; choose another --output")
-    if real in seen:
-      raise UserError(f"{src}: gives the same output name {dst} as {seen[real]}")
-    seen[real] = src
-  return pairs
+  if isinstance(workdirs, (str, os.PathLike)):
+    config, variables, step = load_variables(workdirs, which)
+    return [config], variables, [step]
+  configs, variables, steps = [], [], []
+  for workdir in workdirs:
+    config, v, step = load_variables(workdir, which)
+    if configs and _computation_key(config) != _computation_key(configs[0]):
+      raise UserError(f"{workdir}: its model or HU window differs from {workdirs[0]}'s; an "
+                      "ensemble needs runs of one architecture and preprocessing")
+    configs.append(config)
+    variables.append(v)
+    steps.append(step)
+  return configs, variables, steps
 
 
-def predict_path(workdir: str, input_path: str, output_path: str, which: str = "latest",
-                 batch_size: int | None = None, progress: bool | None = None) -> list[str]:
-  """Segments one CT file or a folder of them with a training run's checkpoint.
+def predict_path(workdir: str | Sequence[str], input_path: str, output_path: str,
+                 which: str = "latest", batch_size: int | None = None,
+                 progress: bool | None = None, *, output_format: str = "nifti",
+                 tta: bool = False, save_probabilities: bool = False) -> list[str]:
+  """Segments CT files or DICOM series with a training run's checkpoint (or several).
 
   Args:
-    workdir: the training run (its checkpoints).
-    input_path: a .nii / .nii.gz CT file (Hounsfield units), or a folder of them.
-    output_path: the label file (input a file) or folder (input a folder).
+    workdir: the training run (its checkpoints), or a list of runs: an ensemble, the
+      mean of their softmax.
+    input_path: a .nii / .nii.gz CT file (Hounsfield units), a folder of them, or a
+      folder of DICOM CT series (`munet_jax.prediction.plan`).
+    output_path: the label file or folder.
     which: 'latest' or 'best' checkpoint.
     batch_size: slices per batch; the run's `eval.batch_size` when None.
     progress: show a progress bar over volumes; None: only on a terminal.
+    output_format: 'nifti', or 'dicom-seg' (DICOM input only).
+    tta: mirror each slice along both in-plane axes and average the softmax.
+    save_probabilities: also write NAME_probabilities.nii.gz (uint8 softmax x 255).
 
   Returns:
-    The label files written: uint8 0/1/2 with exactly the input's shape, affine and
-    header geometry (qform / sform), each written atomically.
+    The label files written: uint8 0/1/2 on exactly the input's grid (NIfTI: its shape,
+    affine and header geometry; DICOM: the grid of ITK's series reader, or a DICOM-SEG
+    referencing the series), each written atomically.
   """
-  pairs = plan_outputs(input_path, output_path)
-  config, variables = load(workdir, which)
+  jobs = prediction.plan(input_path, output_path, output_format, save_probabilities)
+  configs, variables, _ = load_runs(workdir, which)
+  config = configs[0]
+  if tta:
+    config.eval.tta = True
   segmenter = VolumeSegmenter(variables, config, batch_size)
-  written = []
-  volumes = prefetch(functools.partial(nifti.read_image, src) for src, _ in pairs)
-  bar = tqdm(pairs, desc="predict", unit="volume", disable=_no_bar(progress), leave=False)
-  with bar:
-    for (src, dst), image in zip(bar, volumes):
-      bar.set_postfix_str(os.path.basename(src), refresh=False)
-      labels_ras = segmenter(nifti.to_ras(image.data, image.affine))
-      nifti.write_label(dst, nifti.from_ras(labels_ras, image.affine), like=image)
-      written.append(dst)
-  return written
-
-
-def _no_bar(progress: bool | None) -> bool | None:
-  return None if progress is None else not progress
+  return prediction.run(jobs, segmenter.segment, progress)

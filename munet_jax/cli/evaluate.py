@@ -1,7 +1,10 @@
 """Score segmentations: the paper's table on the terminal, every number in results.json.
 
   python eval.py --workdir W [--data DIR] [--split test] [--which latest|best] [--overlays N]
+      [--tta]
       segments every volume of the split with W's checkpoint; writes W/eval/results.json.
+  python eval.py --workdir W1 W2 ... --out F.json [--split test]
+      the same with an ensemble: the mean softmax of the runs (a split they all share).
   python eval.py --pred P --ref R --out F.json [--images CT_DIR] [--overlays N]
       scores the NIfTI label files in P against those of the same name in R (no model).
   Either takes --metrics dsc,voe,rvd,assd,mssd,hd95,nsd (the table's columns; default the
@@ -25,7 +28,10 @@ from munet_jax.runtime import configure_jax, configure_logging
 def parse_args(argv: Sequence[str], prog: str = "eval.py"):
   parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
   run = parser.add_argument_group("a training run's checkpoint on its data")
-  run.add_argument("--workdir", help="the training run")
+  run.add_argument("--workdir", nargs="+",
+                   help="the training run; several: an ensemble (mean softmax; needs --out)")
+  run.add_argument("--tta", action="store_true", default=None,
+                   help="mirror slices along both in-plane axes, mean softmax (4x time)")
   run.add_argument("--data", help="data root (default: the run's config data.root)")
   run.add_argument("--split", choices=("train", "val", "test", "all"), default=None,
                    help="cases by the run's config data.split, or all (default: test)")
@@ -65,7 +71,7 @@ def parse_args(argv: Sequence[str], prog: str = "eval.py"):
   else:
     if args.ref is None or args.out is None:
       raise UserError(f"{prog}: --pred needs --ref R and --out F.json")
-    for flag in ("data", "split", "which", "batch_size"):
+    for flag in ("data", "split", "which", "batch_size", "tta"):
       if getattr(args, flag) is not None:
         raise UserError(f"{prog}: --{flag.replace('_', '-')} goes with --workdir, not with --pred")
   if args.small_lesion_mm is not None and not args.small_lesion_mm > 0:
@@ -78,6 +84,8 @@ def parse_args(argv: Sequence[str], prog: str = "eval.py"):
       args.metrics = evaluation.table_metrics(args.metrics)
     except UserError as e:
       raise UserError(f"{prog}: --metrics: {e}") from None
+  if args.workdir is not None and len(args.workdir) > 1 and args.out is None:
+    raise UserError(f"{prog}: an ensemble of {len(args.workdir)} runs needs --out F.json")
   if args.out is not None and not args.out.endswith(".json"):
     raise UserError(f"{args.out}: --out must be a .json file")
   return args
@@ -90,13 +98,16 @@ def main(argv: Sequence[str], prog: str = "eval.py") -> int:
     if args.workdir is not None:
       configure_jax()
       document, out = evaluation.evaluate_run(
-          args.workdir, data=args.data, split=args.split or "test",
+          args.workdir[0] if len(args.workdir) == 1 else args.workdir, data=args.data, split=args.split or "test",
           which=args.which or "latest", out=args.out, overlays=args.overlays,
           batch_size=args.batch_size, small_lesion_mm=args.small_lesion_mm,
-          nsd_tolerance_mm=args.nsd_tolerance_mm)
+          nsd_tolerance_mm=args.nsd_tolerance_mm, tta=bool(args.tta))
       source = document["source"]
       title = (f"{source['split']} split, {len(document['cases'])} volumes, checkpoint step "
                f"{source['checkpoint_step']} ({source['which']})")
+      if "ensemble" in source:
+        title = (f"{source['split']} split, {len(document['cases'])} volumes, ensemble of "
+                 f"{len(source['ensemble'])} runs ({source['which']} checkpoints)")
     else:
       document = evaluation.evaluate_folders(
           args.pred, args.ref, args.out,

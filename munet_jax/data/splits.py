@@ -8,6 +8,10 @@ Presets (section III.A of the paper):
             preset runs without validation; use 'custom' to hold out patients for it.
   'custom'  `data.train_cases` / `val_cases` / `test_cases` (case names) when any is given,
             else `data.num_train` / `num_val` / `num_test` cases drawn with `config.seed`.
+  'kfold'   cross-validation: `data.test_cases` (names, may be empty) are the test set of
+            every fold; the other cases are dealt into `data.folds` folds (sizes differ by
+            at most one) and fold `data.fold` is the validation set, the rest train. The
+            runs of folds 0 .. folds-1 together validate on every non-test case once.
 
 Which cases a preset takes is fixed by a hash of the case names, independent of
 `config.seed`: changing the training seed must not move patients into the test set.
@@ -25,6 +29,7 @@ from munet_jax.errors import UserError
 PRESETS = {"lits": (40, 5, 35), "ircadb": (15, 0, 5)}
 SPLITS = ("train", "val", "test")
 _PRESET_KEY = "munet-preset"  # the fixed shuffle of the presets
+_KFOLD_KEY = "munet-kfold"    # the fixed shuffle of the folds (independent of config.seed)
 
 
 def split_cases(cases: Sequence[Case], config) -> dict[str, list[Case]]:
@@ -34,7 +39,7 @@ def split_cases(cases: Sequence[Case], config) -> dict[str, list[Case]]:
     cases: from `discovery.find_cases`, names unique.
     config: the experiment config; reads `seed` and `data.split`, `data.train_cases`,
       `data.val_cases`, `data.test_cases`, `data.num_train`, `data.num_val`,
-      `data.num_test`.
+      `data.num_test`, `data.folds`, `data.fold`.
 
   Returns:
     {'train': [...], 'val': [...], 'test': [...]}, disjoint, each in natural name order
@@ -59,8 +64,10 @@ def split_cases(cases: Sequence[Case], config) -> dict[str, list[Case]]:
     counts = _scaled_counts(PRESETS[data.split], len(cases))
     ordered = _shuffled(cases, _PRESET_KEY)
     return _take(ordered, counts)
+  if data.split == "kfold":
+    return _kfold(cases, data)
   if data.split != "custom":
-    raise UserError(f"config key 'data.split' must be one of {(*PRESETS, 'custom')}, "
+    raise UserError(f"config key 'data.split' must be one of {(*PRESETS, 'custom', 'kfold')}, "
                     f"got {data.split!r}")
   if data.train_cases or data.val_cases or data.test_cases:
     return _named(cases, {s: tuple(data[f"{s}_cases"]) for s in SPLITS})
@@ -73,6 +80,23 @@ def split_cases(cases: Sequence[Case], config) -> dict[str, list[Case]]:
                     f"cases ({counts[0]}/{counts[1]}/{counts[2]}) but data.root "
                     f"'{data.root}' has only {len(cases)}")
   return _take(_shuffled(cases, f"seed-{config.seed}"), counts)
+
+
+def _kfold(cases: Sequence[Case], data) -> dict[str, list[Case]]:
+  for key in ("train_cases", "val_cases"):
+    if data[key]:
+      raise UserError(f"config key 'data.{key}' is not used with data.split='kfold' (the "
+                      "folds decide train and validation; only data.test_cases is read)")
+  test = _named(cases, {"train": (), "val": (), "test": tuple(data.test_cases)})["test"]
+  held = {c.name for c in test}
+  rest = _shuffled([c for c in cases if c.name not in held], _KFOLD_KEY)
+  if len(rest) < data.folds:
+    raise UserError(f"config key 'data.folds' is {data.folds} but only {len(rest)} cases are "
+                    "left for the folds (after data.test_cases)")
+  val = rest[data.fold::data.folds]
+  train = [c for i, c in enumerate(rest) if i % data.folds != data.fold]
+  order = lambda group: sorted(group, key=lambda c: natural_key(c.name))
+  return {"train": order(train), "val": order(val), "test": list(test)}
 
 
 def _scaled_counts(counts: Sequence[int], n: int) -> list[int]:
