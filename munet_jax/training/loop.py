@@ -74,7 +74,8 @@ def prepare_data(config: ml_collections.ConfigDict):
       print(f"making {config.data.synthetic.cases} synthetic CT volumes in {root}", flush=True)
       synthetic.write_dataset_into_place(
           root, config.data.synthetic.cases, config.data.synthetic.size, seed=config.seed,
-          slices=config.data.synthetic.slices)
+          slices=config.data.synthetic.slices, crop=config.data.synthetic.crop,
+          tumour_rate=config.data.synthetic.tumour_rate)
     sharding.sync_processes("synthetic data")
   cases = discovery.find_cases(root)
   split = splits.split_cases(cases, config)
@@ -106,13 +107,14 @@ def _has_cases(root: str) -> bool:
     return False
 
 
-def evaluate_split(variables, config, slice_store, names, progress=False) -> list[dict]:
+def evaluate_split(variables, config, slice_store, names, progress=False,
+                   postprocessing=None) -> list[dict]:
   """Segments whole volumes of the store and scores them (3-D metrics per volume)."""
   from munet_jax.evaluation import score_case
   from munet_jax.inference import VolumeSegmenter
   stored = {v.name for v in slice_store.volumes}
   names = [n for n in names if n in stored]   # cases skipped as bad are left out
-  segment = VolumeSegmenter(variables, config)
+  segment = VolumeSegmenter(variables, config, postprocessing=postprocessing)
   entries = []
   for name in tqdm(names, desc="evaluate", unit="volume", disable=not progress, leave=False):
     hu, ref = slice_store.volume(name)                 # (Z, H, W), RAS
@@ -243,8 +245,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if lead:
     plot_curves(workdir)
 
+  choice = None
+  if config.eval.choose_postprocessing and val_names and lead:
+    choice = choose_postprocessing(variables_of(state), config, slice_store, val_names,
+                                   workdir)
   return final_evaluation(variables_of(state), config, split, slice_store, workdir,
-                          int(state.step))
+                          int(state.step), postprocessing=choice)
+
+
+def choose_postprocessing(variables, config, slice_store, names, workdir) -> dict:
+  """Chooses the post-processing on the validation volumes, writes it into the workdir."""
+  from munet_jax import postprocessing
+  from munet_jax.inference import VolumeSegmenter
+  segment = VolumeSegmenter(variables, config, postprocessing={})
+  preds, refs = [], []
+  for name in names:
+    hu, ref = slice_store.volume(name)                 # (Z, H, W)
+    preds.append(segment(np.moveaxis(hu, 0, -1)))
+    refs.append(np.moveaxis(np.asarray(ref), 0, -1))
+  decision = postprocessing.choose(preds, refs)
+  postprocessing.save_choice(workdir, decision)
+  kept = [s for s, on in decision["choice"].items() if on]
+  print(f"post-processing chosen on {len(names)} validation volumes: "
+        f"{', '.join(kept) if kept else 'none'}", flush=True)
+  return decision["choice"]
 
 
 def _best_effort(*steps) -> None:
@@ -267,7 +291,8 @@ def _finish(*steps) -> None:
     raise first
 
 
-def final_evaluation(variables, config, split, slice_store, workdir, step: int) -> dict | None:
+def final_evaluation(variables, config, split, slice_store, workdir, step: int,
+                     postprocessing=None) -> dict | None:
   """Scores `train.final_eval_split`, writes workdir/eval/results.json, prints the table.
 
   The document's "source" names the checkpoint step, the split and the data root, and
@@ -277,11 +302,17 @@ def final_evaluation(variables, config, split, slice_store, workdir, step: int) 
   if not name or not split[name] or jax.process_index() != 0:
     return None
   from munet_jax.evaluation import format_table, results, write_json
+  if postprocessing is None:
+    from munet_jax.postprocessing import load_choice
+    postprocessing = load_choice(workdir)
   entries = evaluate_split(variables, config, slice_store, [c.name for c in split[name]],
-                           progress=True)
+                           progress=True, postprocessing=postprocessing)
   source = {"checkpoint_step": step, "split": name,
             "data": os.path.abspath(config.data.root),
-            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
+            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm),
+            "postprocessing": dict(postprocessing) if postprocessing is not None else
+                              {k: bool(config.eval[k]) for k in ("largest_liver_component",
+                                                                  "tumor_inside_liver")}}
   if slice_store.skipped:
     source["skipped"] = [{"case": case, "reason": reason}
                          for case, reason in slice_store.skipped]
