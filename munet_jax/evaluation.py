@@ -279,7 +279,9 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
     name = "results.json" if split == "test" else f"results-{split}.json"
     out = os.path.join(workdir, "eval", name)
   overlay_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "overlays")
-  segmenter = VolumeSegmenter(variables, config, batch_size)
+  from munet_jax.postprocessing import load_choice
+  segmenter = VolumeSegmenter(variables, config, batch_size,
+                              postprocessing=load_choice(workdir))
 
   def read(case):
     def load_case():
@@ -310,7 +312,8 @@ def evaluate_run(workdir: str, data: str | None = None, split: str = "test",
     raise UserError(f"{root}: every case of the '{split}' split was skipped as bad")
   source = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "which": which,
             "data": os.path.abspath(root), "split": split,
-            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
+            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm),
+            "postprocessing": dict(segmenter.postprocessing)}
   if skipped:
     source["skipped"] = skipped
   document = results(entries, source)

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from scipy import ndimage
 
 from munet_jax.errors import UserError
 from munet_jax import sharding
@@ -95,12 +94,18 @@ class VolumeSegmenter:
     batch_size: slices per batch; `eval.batch_size` when None. Rounded up to a multiple
       of the local device count.
     devices: devices to shard batches over; this process's devices when None.
+    postprocessing: the post-processing steps to apply ({step: bool}, e.g. a run's
+      `munet_jax.postprocessing.load_choice`); the config's `eval.*` flags when None.
   """
 
   def __init__(self, variables: dict, config: ml_collections.ConfigDict,
-               batch_size: int | None = None, devices=None):
+               batch_size: int | None = None, devices=None,
+               postprocessing: dict | None = None):
+    from munet_jax import postprocessing as pp
     devices = tuple(devices if devices is not None else jax.local_devices())
     self.config = config
+    self.postprocessing = postprocessing if postprocessing is not None else \
+        pp.from_config(config)
     self._label, self.mesh = _labeller(_computation_key(config), devices)
     self._sharding = sharding.batch_sharding(self.mesh)
     self.batch_size = sharding.padded_batch_size(batch_size or config.eval.batch_size,
@@ -114,7 +119,7 @@ class VolumeSegmenter:
       hu: (X, Y, Z) Hounsfield units in RAS orientation; slices along Z (any X, Y, Z >= 1).
 
     Returns:
-      (X, Y, Z) uint8 labels, post-processed as `eval.*` asks.
+      (X, Y, Z) uint8 labels, post-processed as `postprocessing` (or `eval.*`) asks.
     """
     hu = np.asarray(hu)
     if hu.ndim != 3:
@@ -136,7 +141,8 @@ class VolumeSegmenter:
       pending = (start, stop, labels)
     if pending is not None:
       self._fetch(out, *pending)
-    return postprocess(np.moveaxis(out, 0, -1), self.config)
+    from munet_jax import postprocessing
+    return postprocessing.apply(np.moveaxis(out, 0, -1), self.postprocessing)
 
   @staticmethod
   def _fetch(out, start, stop, labels):
@@ -161,31 +167,10 @@ def segment_volume(variables: dict, config: ml_collections.ConfigDict, hu: np.nd
 
 
 def postprocess(labels: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
-  """Optional clean-up (off by default, as in the paper).
-
-  `eval.largest_liver_component`: keep the largest 6-connected component of liver+tumour;
-    everything else becomes background.
-  `eval.tumor_inside_liver`: tumour components (6-connected) that touch no liver voxel
-    (face neighbours) become background.
-  """
-  if not (config.eval.largest_liver_component or config.eval.tumor_inside_liver):
-    return labels
-  labels = labels.copy()
-  if config.eval.largest_liver_component:
-    components, n = ndimage.label(labels > 0)
-    if n > 1:
-      sizes = np.bincount(components.ravel())
-      sizes[0] = 0
-      labels[components != int(np.argmax(sizes))] = 0
-  if config.eval.tumor_inside_liver:
-    tumours, n = ndimage.label(labels == 2)
-    if n:
-      near_liver = ndimage.binary_dilation(labels == 1)
-      touching = np.zeros(n + 1, bool)
-      touching[tumours[near_liver]] = True
-      touching[0] = True
-      labels[~touching[tumours]] = 0
-  return labels
+  """The clean-up the config fixes (`eval.largest_liver_component`, `eval.tumor_inside_liver`,
+  off by default, as in the paper); see `munet_jax.postprocessing`."""
+  from munet_jax import postprocessing
+  return postprocessing.apply(labels, postprocessing.from_config(config))
 
 
 # ----------------------------------------------------------------------------- predict.py
@@ -308,8 +293,10 @@ def predict_path(workdir: str, input_path: str, output_path: str, which: str = "
   from munet_jax.api import load
   from munet_jax.data import nifti
   pairs = plan_outputs(input_path, output_path)
+  from munet_jax.postprocessing import load_choice
   config, variables = load(workdir, which)
-  segmenter = VolumeSegmenter(variables, config, batch_size)
+  segmenter = VolumeSegmenter(variables, config, batch_size,
+                              postprocessing=load_choice(workdir))
   written = []
   volumes = prefetch(functools.partial(nifti.read_image, src) for src, _ in pairs)
   bar = tqdm(pairs, desc="predict", unit="volume", disable=_no_bar(progress), leave=False)
