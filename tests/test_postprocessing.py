@@ -77,3 +77,28 @@ def test_choice_is_saved_and_loaded(tmp_path):
     f.write('{"choice": {"largest_liver_component": 1}}')
   with pytest.raises(UserError, match="postprocessing.json"):
     postprocessing.load_choice(str(tmp_path))
+
+
+def test_eval_and_predict_apply_the_runs_choice(tmp_path, monkeypatch):
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+  from tiny_run import make_tiny_run
+  from munet_jax import evaluation, inference
+  from munet_jax.data import synthetic
+  data, workdir = tmp_path / "data", tmp_path / "work"
+  synthetic.write_dataset(str(data), 4, 32, seed=1, slices=4, progress=False)
+  make_tiny_run(str(workdir), str(data))
+  seen = []
+  real_apply = postprocessing.apply
+  monkeypatch.setattr(postprocessing, "apply",
+                      lambda labels, choice: seen.append(dict(choice)) or real_apply(labels, choice))
+  chosen = {"largest_liver_component": False, "tumor_inside_liver": True}
+  postprocessing.save_choice(str(workdir), {"choice": chosen})
+  document, _ = evaluation.evaluate_run(str(workdir), progress=False)
+  assert document["source"]["postprocessing"] == chosen
+  assert len(seen) == 2 and all(c == chosen for c in seen)       # the two test volumes
+  seen.clear()
+  inference.predict_path(str(workdir), str(data / "volume-0.nii.gz"), str(tmp_path / "p.nii.gz"),
+                         progress=False)
+  assert seen == [chosen]
