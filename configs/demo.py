@@ -24,7 +24,9 @@ Lesion sizes are the generator's (`munet_jax.data.synthetic`): radii log-uniform
 2.5 mm to 8 mm for half the lesions and to 35 mm for the other half, each axis scaled by
 0.75-1.25, clipped by the liver. Measured on this data set (`python bench/lesion_sizes.py
 data/synthetic_demo`), as the diameter of a circle with the area of the lesion's largest
-axial cross-section: FILL. The LiTS paper (Bilic et al., The Liver Tumor Segmentation
+axial cross-section: 331 lesions in the 64 volumes, 290 of them "small"
+(below 28 x 28 mm²) and 41 large; 10/25/50/75/90 % quantiles 5.9 / 7.5 / 10.8 / 16.8 /
+37.5 mm, from 1.9 to 77.2 mm; 47 % below 10 mm, 78 % below 20 mm. The LiTS paper (Bilic et al., The Liver Tumor Segmentation
 Benchmark, Medical Image Analysis 2023) describes its tumours as of varied sizes and
 appearances; its size histogram is not reproduced here, so no closer match is claimed.
 """
