@@ -26,9 +26,10 @@ Lesion sizes are the generator's (`munet_jax.data.synthetic`): radii log-uniform
 data/synthetic_demo`), as the diameter of a circle with the area of the lesion's largest
 axial cross-section: 331 lesions in the 64 volumes, 290 of them "small"
 (below 28 x 28 mm²) and 41 large; 10/25/50/75/90 % quantiles 5.9 / 7.5 / 10.8 / 16.8 /
-37.5 mm, from 1.9 to 77.2 mm; 47 % below 10 mm, 78 % below 20 mm. The LiTS paper (Bilic et al., The Liver Tumor Segmentation
-Benchmark, Medical Image Analysis 2023) describes its tumours as of varied sizes and
-appearances; its size histogram is not reproduced here, so no closer match is claimed.
+37.5 mm, from 1.9 to 77.2 mm; 47 % below 10 mm, 78 % below 20 mm. The LiTS paper
+(Bilic et al., The Liver Tumor Segmentation Benchmark, Medical Image Analysis 2023)
+describes its tumours as of varied sizes and appearances; its size histogram is not
+reproduced here, so no closer match is claimed.
 """
 
 from munet_jax.config import base_config
