@@ -1,39 +1,34 @@
 """The mU-Net ablation: U-Net, U-Net + ODU residual path, mU-Net; same data, budget and seeds.
 
-  python bench/ablation.py [--scale cpu|gpu] [--seeds N] [--steps N] [--out DIR]
-                           [--variants unet,odu,munet] [--set KEY=VALUE ...]
+  python bench/ablation.py [--config configs/synthetic_tumours.py] [--seeds N] [--steps N]
+                           [--out DIR] [--variants unet,odu,munet] [--set KEY=VALUE ...]
 
 Does the object-dependent up-sampling keep small tumours alive (the paper's claim)? Three
 networks differ only in the skip connections (`model.odu_residual`, `model.skip_conv`):
   unet   odu_residual=False, skip_conv=False   the conventional U-Net (Fig. 1a)
   odu    odu_residual=True,  skip_conv=False   U-Net with only the ODU residual path
   munet  odu_residual=True,  skip_conv=True    mU-Net (Fig. 1b-d)
-Each is trained through the real trainer (`train_and_evaluate`) for every seed, on one
-synthetic CT set (`munet_jax.data.synthetic`: small and large, some low-contrast,
-tumours) with the same train / test cases, steps, batch and learning-rate schedule. The
+Each is trained through the real trainer (`train_and_evaluate`) for every seed with the
+recipe of one config file (default configs/synthetic_tumours.py, the tumour benchmark;
+its docstring lists its departures from the paper): the same synthetic CT set (made once
+with the data seed 2024, whatever the training seed), the same training and held-out
+cases (the first `data.num_train` and the next `data.num_test`), steps, batch and
+learning-rate schedule. `--set KEY=VALUE` overrides config keys (`train.steps=300`). The
 seed sets the initialisation and the slice order; with one seed the layers all three
-networks share start from the same weights (Flax derives them from the module path).
+networks share start from the same weights (Flax derives them from the module path), so
+the comparisons are paired by seed.
 
 Held-out volumes are scored as eval.py scores them (`munet_jax.evaluation`): liver and
 tumour DSC and ASSD per volume, tumour detection per lesion size class (`munet_jax.lesions`:
 small = largest axial cross-section below eval.small_lesion_mm squared, 28 x 28 mm²).
 Permeation rates (`munet_jax.diagnostics`) per stage for small and large objects come from
-the same held-out volumes.
-
-Deviations from the paper's recipe, for a small budget: loss `ce_dice` (cross-entropy +
-soft Dice) instead of MSE on probabilities, and `tumor_oversample` sampling instead of all
-slices uniformly: at the 'cpu' scale 90% of the slices are drawn from tumour slices.
-The 90% was chosen when the soft Dice was still taken per slice: then, with 30%
-oversampling, 1,200-1,500 steps learned no tumour at all (pilots in bench/RESULTS.md,
-section "Does the mU-Net idea hold?"). The Dice is now pooled over the batch; the 90% was
-kept so that the study differs from its first run in the loss alone.
-The test volumes keep all their slices.
-Also: volumes are drawn at `gen_size` and cropped around the liver (`ensure_data`), and
-widths are smaller than Table I.
+the first 12 of the same held-out volumes. Effect sizes are the per-seed paired differences to the U-Net,
+with 95% confidence intervals from the t distribution and from a paired bootstrap over
+seeds.
 
 Writes OUT/ablation.json (every run's numbers), OUT/ablation.md (the table) and
 OUT/permeation.png; runs live in OUT/runs/VARIANT/seedK and a finished run is reused
-when the script is run again (delete OUT to start over).
+when the script is run again with the same config (delete OUT to start over).
 """
 
 from __future__ import annotations
@@ -54,113 +49,69 @@ import numpy as np  # noqa: E402
 
 VARIANTS = {"unet": ("U-Net", False, False), "odu": ("U-Net + ODU", True, False),
             "munet": ("mU-Net", True, True)}
-
-# Each scale: data (synthetic cases, in-plane size, slices per volume), model widths and
-# the training budget. 'cpu' is sized to finish on a shared 2-core CPU within an hour
-# (measured: bench/RESULTS.md); 'gpu' is the same study at four times the
-# resolution, more cases, steps and seeds.
-SCALES = {
-    "cpu": dict(gen_size=128, size=64, slices=32, train=18, test=16, features=(8, 16, 32, 64),
-                batch=8, steps=1500, lr=3e-3, seeds=3, eval_batch=32, window=(-250.0, 250.0),
-                oversample=0.9),
-    "gpu": dict(gen_size=512, size=256, slices=64, train=60, test=20, features=(32, 64, 128, 256, 512),
-                batch=16, steps=8000, lr=1e-3, seeds=5, eval_batch=32, window=(-250.0, 250.0),
-                oversample=0.5),
-}
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "synthetic_tumours.py")
+DEFAULT_SEEDS = 5
 DATA_SEED = 2024
+BOOTSTRAP = 10_000
+PERMEATION_VOLUMES = 12   # permeation rates on the first 12 held-out volumes (time)
 
 
-def make_config(scale: dict, variant: str, seed: int, steps: int, data_root: str,
-                cache_dir: str, cases: list[str]):
-  """The run's config: one recipe for all variants, only the skip switches differ."""
-  from munet_jax.config import base_config, validate
+def load_recipe(path: str, overrides=()):
+  """The config file with `--set` overrides applied: the recipe every run shares."""
+  from munet_jax.config import apply_overrides, load_config_file
+  config = load_config_file(path)
+  return apply_overrides(config, list(overrides)) if overrides else config
+
+
+def make_config(recipe, variant: str, seed: int, data_root: str, cache_dir: str,
+                cases: list[str]):
+  """The run's config: the recipe, this variant's skip switches, this seed, fixed cases."""
+  from munet_jax.config import config_from_dict
   _, odu, skip_conv = VARIANTS[variant]
-  c = base_config()
+  values = recipe.to_dict()
+  c = config_from_dict(json.loads(json.dumps(values)))
   c.seed = seed
   c.data.root = data_root
   c.data.cache_dir = cache_dir
-  c.data.image_size = scale["size"]
   c.data.split = "custom"
-  c.data.train_cases = tuple(cases[:scale["train"]])
-  c.data.test_cases = tuple(cases[scale["train"]:scale["train"] + scale["test"]])
-  c.data.sampling = "tumor_oversample"   # see the module docstring
-  c.data.tumor_oversample = scale["oversample"]
-  c.data.hu_window = tuple(scale["window"])
-  c.data.num_workers = 0
-  c.model.features = tuple(scale["features"])
+  n_train, n_val, n_test = c.data.num_train, c.data.num_val, c.data.num_test
+  c.data.train_cases = tuple(cases[:n_train])
+  c.data.val_cases = tuple(cases[n_train:n_train + n_val])
+  c.data.test_cases = tuple(cases[n_train + n_val:n_train + n_val + n_test])
+  c.data.synthetic.cases = 0          # made by `ensure_data`, with the data seed
   c.model.odu_residual, c.model.skip_conv = odu, skip_conv
-  c.model.dropout_rate = 0.1
-  c.train.steps = steps
-  c.train.batch_size = scale["batch"]
-  c.train.learning_rate = scale["lr"]
-  c.train.lr_decay_rate = 0.5                       # halved at 1/3 and 2/3 of the run
-  c.train.lr_decay_steps = max(1, -(-steps // 3))
-  c.train.weight_decay = 1e-4
-  c.train.loss = "ce_dice"
-  c.train.log_every_steps = 50
-  c.train.eval_every_steps = 10 ** 9                # no validation split: test at the end
   c.train.final_eval_split = "test"
-  c.checkpoint.every_steps = max(1, steps // 2)
-  c.checkpoint.keep = 1
-  c.eval.batch_size = scale["eval_batch"]
+  from munet_jax.config import validate
   return validate(c)
 
 
-def _crop_to_liver(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, size: int):
-  """An in-plane window of size x size voxels around the liver, all slices; affine moved with it.
+def ensure_data(folder: str, recipe) -> list[str]:
+  """The synthetic set of the recipe (made once, re-used when its settings match); case names.
 
-  The window is centred on the middle of the liver's in-plane bounding box and kept
-  inside the image. The synthetic generator only flips axes (RAS or LPS, slices up or
-  down), so file axes 0 and 1 are the in-plane ones.
+  Made with `munet_jax.data.synthetic.write_dataset` and the data seed, so every seed and
+  network sees the same volumes.
   """
-  starts = []
-  liver = labels > 0
-  for axis in (0, 1):
-    extent = np.flatnonzero(liver.any(axis=tuple(a for a in range(3) if a != axis)))
-    centre = (extent[0] + extent[-1]) // 2 if extent.size else hu.shape[axis] // 2
-    starts.append(int(np.clip(centre - size // 2, 0, hu.shape[axis] - size)))
-  x0, y0 = starts
-  moved = affine.copy()
-  moved[:3, 3] += affine[:3, 0] * x0 + affine[:3, 1] * y0
-  window = (slice(x0, x0 + size), slice(y0, y0 + size))
-  return hu[window], labels[window], moved
-
-
-def ensure_data(folder: str, scale: dict) -> list[str]:
-  """The synthetic set (made once, re-used when its settings match); case names in order.
-
-  Volumes are drawn at `gen_size` x `gen_size` in-plane and, when `size` is smaller,
-  cropped to `size` x `size` around the liver: the network then sees the liver and its
-  tumours at the finer spacing of `gen_size` for the compute of `size` (a liver
-  region of interest, as cascaded liver-tumour methods use).
-  """
-  from munet_jax.data import nifti
+  from munet_jax.data import synthetic
   from munet_jax.data.discovery import find_cases
-  from munet_jax.data.synthetic import make_case
-  n = scale["train"] + scale["test"]
-  want = {"generator": "munet_jax.data.synthetic.make_case", "cases": n,
-          "gen_size": scale["gen_size"], "size": scale["size"], "slices": scale["slices"],
-          "seed": DATA_SEED}
-  meta = os.path.join(folder, "ablation_data.json")
+  syn = recipe.data.synthetic
+  n = recipe.data.num_train + recipe.data.num_val + recipe.data.num_test
+  if syn.cases < n:
+    from munet_jax.errors import UserError
+    raise UserError(f"data.synthetic.cases is {syn.cases} but the split needs {n}")
+  want = {"generator": "munet_jax.data.synthetic", "cases": n, "size": syn.size,
+          "slices": syn.slices, "seed": DATA_SEED, "crop": syn.crop,
+          "tumour_rate": syn.tumour_rate}
+  meta = os.path.join(folder, "synthetic.json")
   have = None
   if os.path.exists(meta):
     with open(meta) as f:
       have = json.load(f)
   if have != want:
-    print(f"making {n} synthetic CT volumes ({scale['gen_size']}x{scale['gen_size']}x"
-          f"{scale['slices']}, liver region {scale['size']}x{scale['size']}) in {folder}",
+    print(f"making {n} synthetic CT volumes ({syn.size}x{syn.size}x{syn.slices}, liver "
+          f"region {syn.crop or syn.size}, tumour rate {syn.tumour_rate}) in {folder}",
           flush=True)
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-      hu, labels, affine = make_case(np.random.default_rng([DATA_SEED, i]), scale["gen_size"],
-                                     scale["slices"])
-      if scale["size"] < scale["gen_size"]:
-        hu, labels, affine = _crop_to_liver(hu, labels, affine, scale["size"])
-      nifti.write_image(os.path.join(folder, f"volume-{i}.nii.gz"), hu, affine)
-      nifti.write_image(os.path.join(folder, f"segmentation-{i}.nii.gz"), labels, affine)
-    with open(meta + ".tmp", "w") as f:
-      json.dump(want, f, indent=1)
-    os.replace(meta + ".tmp", meta)
+    synthetic.write_dataset(folder, n, syn.size, seed=DATA_SEED, slices=syn.slices,
+                            progress=False, crop=syn.crop, tumour_rate=syn.tumour_rate)
   return [c.name for c in find_cases(folder)]
 
 
@@ -182,6 +133,7 @@ def run_metrics(document: dict) -> dict:
       "small_precision": det["small"]["precision"],
       "large_recall": det["large"]["recall"], "large_dice": det["large"]["dice"],
       "large_precision": det["large"]["precision"],
+      "all_recall": det["all"]["recall"], "all_precision": det["all"]["precision"],
       "small_lesions": det["small"]["reference_lesions"],
       "large_lesions": det["large"]["reference_lesions"],
   }
@@ -215,7 +167,7 @@ def permeation_of_run(workdir: str, config, small_area_mm2: float, untrained: bo
   stages = len(config.model.features) - 1
   cases = {c.name: c for c in find_cases(config.data.root)}
   records = []
-  for name in config.data.test_cases:
+  for name in config.data.test_cases[:PERMEATION_VOLUMES]:
     image = nifti.read_image(cases[name].image)
     label = nifti.read_label(cases[name].label, like=image)
     recs, _ = diagnostics.volume_object_rates(
@@ -229,14 +181,15 @@ def permeation_of_run(workdir: str, config, small_area_mm2: float, untrained: bo
                     for g in ("small", "large")}}
 
 
-def train_one(out: str, scale: dict, variant: str, seed: int, steps: int, data: str,
+def train_one(out: str, recipe, variant: str, seed: int, data: str,
               cases: list[str]) -> dict:
   """Trains (or re-uses) one run; returns its metrics, lesion hits, permeation and wall time."""
-  from munet_jax.evaluation import write_json
+  from munet_jax.atomic import write_json
   from munet_jax.training.loop import train_and_evaluate
   workdir = os.path.join(out, "runs", variant, f"seed{seed}")
   done = os.path.join(workdir, "ablation_run.json")
-  config = make_config(scale, variant, seed, steps, data, os.path.join(out, "cache"), cases)
+  config = make_config(recipe, variant, seed, data, os.path.join(out, "cache"), cases)
+  steps = int(config.train.steps)
   if os.path.exists(done):
     with open(done) as f:
       previous = json.load(f)
@@ -277,7 +230,9 @@ ROWS = (("liver_dsc", "liver DSC %", 100), ("liver_assd", "liver ASSD mm", 1),
         ("small_precision", "small-tumour precision %", 100),
         ("large_recall", "large-tumour recall %", 100),
         ("large_dice", "large-tumour Dice %", 100),
-        ("large_precision", "large-tumour precision %", 100))
+        ("large_precision", "large-tumour precision %", 100),
+        ("all_recall", "lesion recall %, all sizes", 100),
+        ("all_precision", "lesion precision %, all sizes", 100))
 
 
 def _values(records, variant, key):
@@ -294,7 +249,13 @@ def _mean_std(values, scale=1.0) -> str:
 
 
 def paired_test(records, a: str, b: str, key: str) -> dict | None:
-  """b - a per seed (same seed, same data order and shared initial weights): mean, paired t p."""
+  """b - a per seed (same seed, same data order and shared initial weights).
+
+  Returns the mean difference with two 95% confidence intervals (t distribution with
+  n - 1 degrees of freedom; paired bootstrap: seeds resampled with replacement, the
+  2.5 and 97.5 percentiles of the resampled means), the paired t-test p value and the
+  seeds where b is higher.
+  """
   from scipy import stats
   by_seed = lambda v: {r["seed"]: r["metrics"][key] for r in records if r["variant"] == v}
   xa, xb = by_seed(a), by_seed(b)
@@ -302,11 +263,18 @@ def paired_test(records, a: str, b: str, key: str) -> dict | None:
   if len(seeds) < 2:
     return None
   d = np.array([xb[s] - xa[s] for s in seeds], float)
+  n = len(d)
+  sd = float(d.std(ddof=1))
+  half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
   p = None
-  if np.std(d) > 0:
+  if sd > 0:
     p = float(stats.ttest_rel([xb[s] for s in seeds], [xa[s] for s in seeds]).pvalue)
-  return {"mean_diff": float(d.mean()), "std_diff": float(d.std(ddof=1)), "n": len(seeds), "p": p,
-          "wins": int((d > 0).sum())}
+  rng = np.random.default_rng(0)
+  means = d[rng.integers(0, n, (BOOTSTRAP, n))].mean(axis=1)
+  lo, hi = np.percentile(means, [2.5, 97.5])
+  return {"mean_diff": float(d.mean()), "std_diff": sd, "n": n, "p": p,
+          "t_ci": [float(d.mean()) - half, float(d.mean()) + half],
+          "bootstrap_ci": [float(lo), float(hi)], "wins": int((d > 0).sum())}
 
 
 def mcnemar(records, a: str, b: str, small: bool) -> dict | None:
@@ -343,8 +311,9 @@ def format_table(records, variants, stages) -> str:
   base = "unet"
   others = [v for v in variants if v != base]
   if base in variants and others:
-    lines += ["", "Paired by seed, difference to the U-Net (mean ± std of the per-seed "
-              "difference, paired t-test p, seeds where it is higher):", "",
+    lines += ["", "Paired by seed, difference to the U-Net: mean of the per-seed "
+              "differences [95% CI, t] [95% CI, paired bootstrap over seeds] (paired t-test "
+              "p, seeds where the variant is higher):", "",
               "| metric | " + " | ".join(f"{VARIANTS[v][0]} - U-Net" for v in others) + " |",
               "| --- |" + " --- |" * len(others)]
     for key, title, scale in ROWS:
@@ -355,8 +324,9 @@ def format_table(records, variants, stages) -> str:
           cells.append("-")
         else:
           p = "-" if t["p"] is None else f"{t['p']:.2f}"
-          cells.append(f"{t['mean_diff'] * scale:+.2f} ± {t['std_diff'] * scale:.2f} "
-                       f"(p {p}, {t['wins']}/{t['n']})")
+          (tl, th), (bl, bh) = t["t_ci"], t["bootstrap_ci"]
+          cells.append(f"{t['mean_diff'] * scale:+.2f} [{tl * scale:+.2f}, {th * scale:+.2f}] "
+                       f"[{bl * scale:+.2f}, {bh * scale:+.2f}] (p {p}, {t['wins']}/{t['n']})")
       lines.append(f"| {title} | " + " | ".join(cells) + " |")
     lines += ["", "Lesion detection, paired by lesion and seed (exact McNemar): lesions found "
               "only by the variant / only by the U-Net, p:", ""]
@@ -416,7 +386,8 @@ def plot(records, variants, stages, path: str, title: str) -> None:
   """Permeation rate per stage of small tumours, large tumours and the liver, one panel per
   variant: trained (mean ± std over seeds, thin lines per seed) and untrained (dashed)."""
   from matplotlib.figure import Figure
-  from munet_jax.diagnostics import SENTINEL, _save_png
+  from munet_jax.atomic import write_png
+  from munet_jax.diagnostics import SENTINEL
   groups = (("tumour_small", "#1f77b4", "small tumours"), ("tumour_large", "#d62728", "large tumours"),
             ("liver_large", "#2ca02c", "liver (large)"))
   fig = Figure(figsize=(3.3 * len(variants), 3.5), dpi=90)
@@ -453,73 +424,75 @@ def plot(records, variants, stages, path: str, title: str) -> None:
   axes[0].legend(fontsize=6, loc="lower left", ncol=2)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  _save_png(fig, path)
+  write_png(fig, path)
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--scale", choices=tuple(SCALES), default="cpu")
-  parser.add_argument("--seeds", type=int, help="seeds per variant (default: the scale's)")
-  parser.add_argument("--steps", type=int, help="training steps per run (default: the scale's)")
-  parser.add_argument("--out", help="output folder (default runs/ablation-SCALE)")
+  parser.add_argument("--config", default=DEFAULT_CONFIG,
+                      help="the recipe every run shares (default configs/synthetic_tumours.py)")
+  parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                      help=f"seeds per variant, 0..N-1 (default {DEFAULT_SEEDS})")
+  parser.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
+  parser.add_argument("--out", help="output folder (default runs/ablation-CONFIGNAME)")
   parser.add_argument("--variants", default="unet,odu,munet",
                       help="comma-separated subset of unet,odu,munet")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a scale setting (e.g. lr=5e-3), for trying recipes")
+                      help="override a config key (e.g. train.learning_rate=1e-3)")
   args = parser.parse_args(argv)
   from munet_jax.errors import UserError
   from munet_jax.runtime import configure_jax
   configure_jax()
   import jax
-  from munet_jax.evaluation import write_json
+  from munet_jax.atomic import write_json
 
-  scale = dict(SCALES[args.scale])
-  import ast
-  for item in args.set:
-    key, _, text = item.partition("=")
-    if key not in scale:
-      raise UserError(f"--set: unknown scale setting '{key}' ({', '.join(scale)})")
-    scale[key] = ast.literal_eval(text)
-  seeds = args.seeds or scale["seeds"]
-  steps = args.steps or scale["steps"]
+  overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps else [])
+  recipe = load_recipe(args.config, overrides)
+  seeds = args.seeds
+  if seeds < 1:
+    raise UserError(f"--seeds must be >= 1, got {seeds}")
   variants = [v for v in args.variants.split(",") if v]
   for v in variants:
     if v not in VARIANTS:
       raise UserError(f"--variants: unknown variant '{v}' (unet, odu, munet)")
-  out = args.out or os.path.join(ROOT, "runs", f"ablation-{args.scale}")
+  name = os.path.splitext(os.path.basename(args.config))[0]
+  out = args.out or os.path.join(ROOT, "runs", f"ablation-{name}")
   os.makedirs(out, exist_ok=True)
   started = datetime.datetime.now().astimezone()
   load_start = os.getloadavg()
   t0 = time.perf_counter()
-  cases = ensure_data(os.path.join(out, "data"), scale)
+  cases = ensure_data(os.path.join(out, "data"), recipe)
   records = []
   # Seeds outermost: an interrupted ablation still has every variant for the seeds done.
   for seed in range(seeds):
     for v in variants:
-      records.append(train_one(out, scale, v, seed, steps, os.path.join(out, "data"), cases))
+      records.append(train_one(out, recipe, v, seed, os.path.join(out, "data"), cases))
   wall = time.perf_counter() - t0
-  stages = len(scale["features"]) - 1
+  stages = len(recipe.model.features) - 1
   command = "python bench/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores"
   table = format_table(records, variants, stages)
+  syn, data, train = recipe.data.synthetic, recipe.data, recipe.train
   header = (f"command: {command.strip()}\n"
             f"device: {device}, {platform.node()}\n"
             f"date: {started.isoformat(timespec='seconds')}; wall time {wall / 60:.1f} min "
             f"(load average at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f}); "
             f"the runs' own time, summed (re-used runs included): "
             f"{sum(r['wall_s']['total'] for r in records) / 60:.1f} min\n"
-            f"scale {args.scale}: {scale['train']} training / {scale['test']} test volumes, "
-            f"drawn at {scale['gen_size']}x{scale['gen_size']}x{scale['slices']}, liver region "
-            f"{scale['size']}x{scale['size']}; widths {scale['features']}, batch "
-            f"{scale['batch']}, {steps} steps, lr {scale['lr']}, HU window {scale['window']}, "
-            f"tumour oversampling {scale['oversample']}, seeds 0..{seeds - 1}")
+            f"recipe {os.path.relpath(args.config, ROOT)}"
+            f"{' with ' + ', '.join(overrides) if overrides else ''}: {data.num_train} "
+            f"training / {data.num_test} test volumes drawn at {syn.size}x{syn.size}x"
+            f"{syn.slices}, liver region {syn.crop or syn.size}, tumour rate "
+            f"{syn.tumour_rate}; {data.image_size}x{data.image_size} {data.train_crop} crops; "
+            f"widths {tuple(recipe.model.features)}, batch {train.batch_size}, {train.steps} "
+            f"steps, lr {train.learning_rate}; seeds 0..{seeds - 1}")
   print("\n" + header + "\n\n" + table)
   with open(os.path.join(out, "ablation.md.tmp"), "w") as f:
     f.write(header + "\n\n" + table + "\n")
   os.replace(os.path.join(out, "ablation.md.tmp"), os.path.join(out, "ablation.md"))
   summary = {"command": command, "device": device, "date": started.isoformat(),
              "wall_s": wall, "load_average": [load_start, os.getloadavg()],
-             "scale": {**scale, "steps": steps, "seeds": seeds}, "variants": variants,
+             "recipe": recipe.to_dict(), "seeds": seeds, "variants": variants,
              "runs": records}
   write_json(os.path.join(out, "ablation.json"), json.loads(json.dumps(summary, default=list)))
   plot(records, variants, stages, os.path.join(out, "permeation.png"),
@@ -530,5 +503,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from munet_jax.errors import run_cli
-  sys.exit(run_cli(main))
+  from munet_jax.cli import run
+  sys.exit(run(main))

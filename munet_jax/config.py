@@ -24,6 +24,7 @@ LOSSES = ("mse", "dice", "ce_dice")
 SAMPLING = ("all", "liver", "tumor_oversample")
 DTYPES = ("float32", "bfloat16")
 SPLIT_PRESETS = ("lits", "ircadb", "custom", "kfold")
+TRAIN_CROPS = ("centre", "foreground")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.root = "data/lits"
   c.data.cache_dir = config_dict.placeholder(str)          # slice store; default root/.munet_cache
   c.data.image_size = 512                                  # slices centre-padded/cropped to this
+  c.data.train_crop = "centre"                             # or "foreground": crops around labels
   c.data.hu_window = (-250.0, 250.0)                       # clip, section II.E
   c.data.scaled_range = (-1.0, 1.0)                        # the window maps onto this range
   c.data.split = "lits"                                    # preset: 40 train / 5 val / 35 test
@@ -68,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.cases = 0                               # 0: never generate
   c.data.synthetic.size = 64
   c.data.synthetic.slices = 24
+  c.data.synthetic.crop = 0                                # >0: keep a liver-region window
+  c.data.synthetic.tumour_rate = 2.5                       # lesions per case: 1 + Poisson(rate)
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.enabled = False                           # off, as in the paper
   c.data.augment.flip = True
@@ -97,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.largest_liver_component = False                   # post-processing, off as in paper
   c.eval.tumor_inside_liver = False
   c.eval.tta = False                                       # mean softmax over in-plane mirrorings
+  c.eval.choose_postprocessing = False                     # learn the two above on the val split
   c.eval.small_lesion_mm = 28.0                            # 28 x 28 mm^2 small-object bound
   c.eval.nsd_tolerance_mm = 2.0                            # NSD tolerance: ~2 in-plane voxels
   return c
@@ -196,6 +201,11 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.train.final_eval_split in ("", "train", "val", "test"), "train.final_eval_split",
        "must be one of '', 'train', 'val', 'test'")
   need(c.data.synthetic.cases >= 0, "data.synthetic.cases", "must be >= 0")
+  need(c.data.synthetic.crop == 0 or 16 <= c.data.synthetic.crop <= c.data.synthetic.size,
+       "data.synthetic.crop", "must be 0 or between 16 and data.synthetic.size")
+  need(0 < c.data.synthetic.tumour_rate < 100, "data.synthetic.tumour_rate",
+       "must be in (0, 100)")
+  need(c.data.train_crop in TRAIN_CROPS, "data.train_crop", f"must be one of {TRAIN_CROPS}")
   need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   need(c.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")

@@ -43,6 +43,7 @@ from munet_jax.labels import TARGETS, tumour_mask
 from munet_jax.lesions import SIZE_CLASSES, lesion_detection
 from munet_jax.metrics import DEFAULT_NSD_TOLERANCE, METRIC_NAMES, segmentation_metrics
 from munet_jax.overlays import write_case_overlays
+from munet_jax.postprocessing import load_choice
 
 METRICS = METRIC_NAMES   # per case and target, and summarised
 TABLE_METRICS = ("dsc", "voe", "rvd", "assd", "mssd")   # the paper's table, by default
@@ -309,7 +310,8 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
              split: str, out: str | None = None, overlays: int = 0,
              batch_size: int | None = None, progress: bool | None = None,
              skipped: Sequence[tuple[str, str]] = (), allow_empty: bool = False,
-             source_extra: dict | None = None) -> tuple[dict, str]:
+             source_extra: dict | None = None,
+             postprocessing: dict | None = None) -> tuple[dict, str]:
   """Segments and scores a run's volumes and writes the results document.
 
   The trainer's final evaluation and `eval.py --workdir` both end here, so the same
@@ -318,7 +320,9 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
   and "skipped" (the cases left out as bad, with the reasons) when there are any: those
   of the source, and `skipped` ((case, reason) pairs: the trainer's other bad cases).
   `source_extra` adds entries (an ensemble's runs). `variables` may be a list (an
-  ensemble, `VolumeSegmenter`).
+  ensemble, `VolumeSegmenter`). `postprocessing` is the clean-up to apply ({step: bool},
+  a run's chosen one, `munet_jax.postprocessing.load_choice`); the config's flags when
+  None. The source records it ("postprocessing").
 
   A split whose every case was left out as bad is a `UserError`, unless `allow_empty`
   (the trainer, which has trained and must still report what it left out).
@@ -327,7 +331,7 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
     (the document, the path it was written to: `out`, else `results_path(workdir, split)`).
   """
   out = out or results_path(workdir, split)
-  segmenter = VolumeSegmenter(variables, config, batch_size)
+  segmenter = VolumeSegmenter(variables, config, batch_size, postprocessing=postprocessing)
   overlay_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "overlays")
   entries, left_out = score_volumes(segmenter, volumes, config, overlays, overlay_dir, progress)
   for case, reason in skipped:
@@ -337,7 +341,8 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
     raise UserError(f"{config.data.root}: every case of the '{split}' split was skipped as bad")
   source = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "which": which,
             "data": os.path.abspath(config.data.root), "split": split,
-            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm)}
+            "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm),
+            "postprocessing": dict(segmenter.postprocessing)}
   source.update(source_extra or {})
   if left_out:
     source["skipped"] = left_out
@@ -399,11 +404,14 @@ def evaluate_run(workdir: str | Sequence[str], data: str | None = None, split: s
                         f"{workdir[0]}; an ensemble is scored on a split all its runs share")
     extra["ensemble"] = [{"workdir": os.path.abspath(w), "checkpoint_step": int(s)}
                          for w, s in zip(workdir, steps)]
+  # One run: the post-processing chosen on its validation split, if it chose one.
+  chosen = None if ensemble else load_choice(workdir)
+  if ensemble:
     workdir = workdir[0]
   return evaluate(variables, config, nifti_volumes(cases, config.data.skip_bad),
                   workdir=workdir, step=steps[0], which=which, split=split, out=out,
                   overlays=overlays, batch_size=batch_size, progress=progress,
-                  source_extra=extra)
+                  source_extra=extra, postprocessing=chosen)
 
 
 # ------------------------------------------------------------------ label files, no model

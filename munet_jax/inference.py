@@ -23,13 +23,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from scipy import ndimage
 
+from munet_jax import postprocessing as pp
 from munet_jax import prediction, sharding
 from munet_jax.checkpoints import load_variables
 from munet_jax.config import config_from_dict
 from munet_jax.errors import UserError
-from munet_jax.labels import LIVER, liver_mask, tumour_mask
 from munet_jax.models import from_config
 from munet_jax.prediction import PROBABILITY_SCALE, plan_outputs  # noqa: F401 (public here too)
 from munet_jax.preprocessing import preprocess
@@ -116,12 +115,17 @@ class VolumeSegmenter:
     batch_size: slices per batch; `eval.batch_size` when None. Rounded up to a multiple
       of the local device count.
     devices: devices to shard batches over; this process's devices when None.
+    postprocessing: the post-processing steps to apply ({step: bool}, e.g. a run's
+      `munet_jax.postprocessing.load_choice`); the config's `eval.*` flags when None.
   """
 
   def __init__(self, variables: dict | Sequence[dict], config: ml_collections.ConfigDict,
-               batch_size: int | None = None, devices=None):
+               batch_size: int | None = None, devices=None,
+               postprocessing: dict | None = None):
     devices = tuple(devices if devices is not None else jax.local_devices())
     self.config = config
+    self.postprocessing = (postprocessing if postprocessing is not None
+                           else pp.from_config(config))
     self._models = 1 if isinstance(variables, Mapping) else len(variables)
     if self._models == 0:
       raise ValueError("an ensemble needs at least one set of variables")
@@ -142,7 +146,7 @@ class VolumeSegmenter:
       hu: (X, Y, Z) Hounsfield units in RAS orientation; slices along Z (any X, Y, Z >= 1).
 
     Returns:
-      (X, Y, Z) uint8 labels, post-processed as `eval.*` asks.
+      (X, Y, Z) uint8 labels, post-processed as `postprocessing` (or `eval.*`) asks.
     """
     return self.segment(hu)[0]
 
@@ -178,7 +182,7 @@ class VolumeSegmenter:
       pending = (start, stop, result)
     if pending is not None:
       self._fetch(out, probs, *pending)
-    labels = postprocess(np.moveaxis(out, 0, -1), self.config)
+    labels = pp.apply(np.moveaxis(out, 0, -1), self.postprocessing)
     return labels, None if probs is None else np.moveaxis(probs, 0, 2)
 
   @staticmethod
@@ -192,31 +196,9 @@ class VolumeSegmenter:
 
 
 def postprocess(labels: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
-  """Optional clean-up (off by default, as in the paper).
-
-  `eval.largest_liver_component`: keep the largest 6-connected component of liver+tumour;
-    everything else becomes background.
-  `eval.tumor_inside_liver`: tumour components (6-connected) that touch no liver voxel
-    (face neighbours) become background.
-  """
-  if not (config.eval.largest_liver_component or config.eval.tumor_inside_liver):
-    return labels
-  labels = labels.copy()
-  if config.eval.largest_liver_component:
-    components, n = ndimage.label(liver_mask(labels))
-    if n > 1:
-      sizes = np.bincount(components.ravel())
-      sizes[0] = 0
-      labels[components != int(np.argmax(sizes))] = 0
-  if config.eval.tumor_inside_liver:
-    tumours, n = ndimage.label(tumour_mask(labels))
-    if n:
-      near_liver = ndimage.binary_dilation(labels == LIVER)
-      touching = np.zeros(n + 1, bool)
-      touching[tumours[near_liver]] = True
-      touching[0] = True
-      labels[~touching[tumours]] = 0
-  return labels
+  """The clean-up the config fixes (`eval.largest_liver_component`, `eval.tumor_inside_liver`,
+  off by default, as in the paper); see `munet_jax.postprocessing`."""
+  return pp.apply(labels, pp.from_config(config))
 
 
 def load_runs(workdirs: str | Sequence[str], which: str = "latest"
@@ -271,5 +253,8 @@ def predict_path(workdir: str | Sequence[str], input_path: str, output_path: str
   config = configs[0]
   if tta:
     config.eval.tta = True
-  segmenter = VolumeSegmenter(variables, config, batch_size)
+  # One run: the post-processing chosen on its validation split, if it chose; an
+  # ensemble: the config's flags.
+  chosen = pp.load_choice(workdir) if isinstance(workdir, (str, os.PathLike)) else None
+  segmenter = VolumeSegmenter(variables, config, batch_size, postprocessing=chosen)
   return prediction.run(jobs, segmenter.segment, progress)

@@ -292,3 +292,41 @@ def test_arguments_are_checked(train_store):
     _iterator(train_store, _config(), batch=5, padded=6, p=0, n=4)
   with pytest.raises(UserError, match="no training volumes"):
     _iterator(store.SliceStore(train_store.cache_dir, []), _config())
+
+
+def test_foreground_windows_hold_the_tumour_then_the_liver_and_reach_both_ends():
+  label = np.zeros((40, 30), np.uint8)
+  label[10:20, 5:25] = 1
+  label[37, 2] = 2                                   # one tumour voxel near a corner
+  starts = set()
+  for k in range(200):
+    (sx, dx), (sy, dy) = pipeline.foreground_place(label, 16, np.random.default_rng(k))
+    assert sx.stop - sx.start == sy.stop - sy.start == 16 and dx == dy == slice(0, 16)
+    assert label[sx, sy][37 - sx.start, 2 - sy.start] == 2
+    starts.add((sx.start, sy.start))
+  # Every window holding the voxel: x start 22..24, y start 0..2, all nine drawn.
+  assert starts == {(x, y) for x in range(22, 25) for y in range(0, 3)}
+  label[37, 2] = 0
+  for k in range(50):
+    (sx, _), (sy, _) = pipeline.foreground_place(label, 16, np.random.default_rng(k))
+    assert (label[sx, sy] == 1).any()
+  empty = np.zeros((40, 8), np.uint8)                # y shorter than the window: padded
+  (sx, dx), (sy, dy) = pipeline.foreground_place(empty, 16, np.random.default_rng(0))
+  assert (sy, dy) == (slice(0, 8), slice(4, 12)) and 0 <= sx.start <= 24
+
+
+def test_foreground_crops_are_deterministic_and_hold_the_tumour(train_store):
+  config = _config(train_crop="foreground", image_size=12, sampling="tumor_oversample",
+                   tumor_oversample=0.9)
+  a = _take(_iterator(train_store, config), 3)
+  b = _take(_iterator(train_store, config), 3)
+  tumour_rows = 0
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+    for r in range(5):
+      v, z = _identity(train_store, x["image"][r, ..., 0])
+      if z == 2:                                     # the slice with the tumour
+        tumour_rows += 1
+        assert (x["label"][r] == 2).any()
+  assert tumour_rows > 0

@@ -122,3 +122,34 @@ def test_command_line_rejects_a_tiny_size(tmp_path):
       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
   assert run.returncode == 2
   assert run.stderr.strip() == "error: --size must be >= 16, got 4"
+
+
+def test_a_liver_region_crop_is_the_same_case_cut_out_on_the_same_world_grid():
+  for i in range(4):
+    full_hu, full_lab, full_aff = synthetic.make_case(np.random.default_rng([0, i]), 64, 8)
+    hu, lab, aff = synthetic.make_case(np.random.default_rng([0, i]), 64, 8, crop=40)
+    assert hu.shape == lab.shape == (40, 40, 8)
+    # Every voxel of the crop, taken through its affine to the world and back through the
+    # full case's, lands on a voxel of the full case holding the same HU and label.
+    index = np.indices(hu.shape).reshape(3, -1)
+    world = aff[:3, :3] @ index + aff[:3, 3:]
+    back = np.linalg.solve(full_aff[:3, :3], world - full_aff[:3, 3:])
+    assert np.allclose(back, np.round(back), atol=1e-6)
+    i0, j0, k0 = np.round(back).astype(int)
+    assert (full_hu[i0, j0, k0] == hu.reshape(-1)).all()
+    assert (full_lab[i0, j0, k0] == lab.reshape(-1)).all()
+    assert np.unique(k0).size == 8                       # slices are not cut
+    # The window is centred on the liver: it holds most of the liver's voxels.
+    assert (lab > 0).sum() >= 0.9 * (full_lab > 0).sum()
+
+
+def test_the_tumour_rate_sets_the_lesion_count():
+  def lesions(rate):
+    n = 0
+    for i in range(10):
+      _, lab, _ = synthetic.make_case(np.random.default_rng([0, i]), 32, 8, tumour_rate=rate)
+      n += ndimage.label(lab == 2)[1]
+    return n
+  # Same cases, same draws but the Poisson count: far more lesions at rate 10 than 1.
+  few, many = lesions(1.0), lesions(10.0)
+  assert many > 3 * few > 0

@@ -47,7 +47,8 @@ def _finish(proc, timeout=300):
 def uninterrupted(tmp_path_factory, data_root):
   tmp = tmp_path_factory.mktemp("reference")
   workdir = tmp / "run"
-  code, out, err = _finish(_train(_config(tmp, data_root), workdir))
+  code, out, err = _finish(_train(_config(tmp, data_root), workdir,
+                                  "--config.eval.choose_postprocessing=True"))
   assert code == 0, err[-3000:]
   return workdir, out, err
 
@@ -63,6 +64,12 @@ def test_a_run_checkpoints_logs_plots_and_prints_the_table(uninterrupted):
   results = json.loads((workdir / "eval" / "results-val.json").read_text())   # final: val
   assert [c["case"] for c in results["cases"]] and "liver" in results["summary"]
   assert "DSC %" in out and "liver" in out
+  # Post-processing chosen on the validation volume, recorded, applied to the final scores.
+  chosen = json.loads((workdir / "postprocessing.json").read_text())
+  assert chosen["volumes"] == 1 and [t["step"] for t in chosen["trials"]] == [
+      "largest_liver_component", "tumor_inside_liver"]
+  assert results["source"]["postprocessing"] == chosen["choice"]
+  assert "post-processing chosen on 1 validation volumes" in out
 
 
 # Kills, signals, damaged checkpoints and interrupted writes: tests/reliability/.

@@ -20,9 +20,14 @@ def main(argv: Sequence[str], prog: str = "munet-synthetic") -> int:
   parser.add_argument("--slices", type=int, default=None,
                       help="slices per volume (default: from 1-5 mm slice thickness)")
   parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+  parser.add_argument("--crop", type=int, default=0,
+                      help="keep a CROP x CROP liver-region window (default 0: the whole slice)")
+  parser.add_argument("--tumour-rate", type=float, default=2.5,
+                      help="lesions per case with tumour: 1 + Poisson(RATE) (default 2.5)")
   args = parser.parse_args(argv)
   paths = write_dataset(args.out, args.cases, args.size, args.seed, args.slices,
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(), crop=args.crop,
+                        tumour_rate=args.tumour_rate)
   print(f"{args.out}: wrote {len(paths)} synthetic cases ({args.size}x{args.size}, "
         f"seed {args.seed})")
   return 0

@@ -21,6 +21,12 @@ prefetches `data.prefetch` batches per worker. Batches cross from the workers in
 shared-memory slots (`batch_slots`). Images are int16 HU (or float32 after
 `munet_jax.preprocess`, see `make_train_iterator`).
 
+Slices larger than `data.image_size` are cropped to it: in the centre (`data.train_crop`
+'centre'), or, with 'foreground', at a place drawn from (seed, step, global row) so that the
+window holds a voxel drawn from the slice's tumour (if it has any; else from its liver; else
+anywhere), as nnU-Net's foreground sampling does: the network sees lesions at the full
+resolution of slices larger than its training input.
+
 Optional augmentation (`data.augment.enabled`, off as in the paper) draws from
 `np.random.default_rng` seeded by (seed, step, global row): a flip per in-plane axis,
 a rotation of up to `rotate_degrees`, a zoom of up to `scale`, as one bilinear resampling
@@ -51,6 +57,7 @@ from munet_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 PAD_HU = -1024          # air: what slices are padded with
+LIVER_LABEL, TUMOR_LABEL = 1, 2
 STATE_VERSION = 1
 _worker_index = None    # this Grain worker's index; None in the main process
 
@@ -153,6 +160,33 @@ def _place(n: int, size: int) -> tuple[slice, slice]:
   return slice(0, n), slice(start, start + n)
 
 
+def foreground_place(label: np.ndarray, size: int, rng: np.random.Generator):
+  """Per-axis (source, destination) ranges of a size x size window of a 2-D `label` slice.
+
+  Along an axis no longer than `size` the slice is centre-padded (as `_place`). Along a
+  longer one the window starts where it holds a voxel drawn uniformly from the slice's
+  tumour voxels, else its liver voxels, else anywhere, at a uniform place among those
+  that hold it.
+  """
+  voxel = None
+  for value in (TUMOR_LABEL, LIVER_LABEL):
+    where = np.flatnonzero(label.ravel() == value)
+    if where.size:
+      voxel = np.unravel_index(int(where[rng.integers(where.size)]), label.shape)
+      break
+  places = []
+  for axis, n in enumerate(label.shape):
+    if n <= size:
+      places.append(_place(n, size))
+      continue
+    lo, hi = 0, n - size
+    if voxel is not None:
+      lo, hi = max(lo, int(voxel[axis]) - size + 1), min(hi, int(voxel[axis]))
+    start = int(rng.integers(lo, hi + 1))
+    places.append((slice(start, start + size), slice(0, size)))
+  return tuple(places)
+
+
 class BatchBuilder:
   """Grain `map_with_index` transform: (step, global slice ids) -> this process's rows.
 
@@ -179,6 +213,7 @@ class BatchBuilder:
     self.seed = int(config.seed)
     self.places = [(_place(v.shape[1], self.size), _place(v.shape[2], self.size))
                    for v in store.volumes]
+    self.foreground = config.data.train_crop == "foreground"
     self.slots: batch_slots.SlotLayout | None = None   # set by TrainIterator for workers
     self._segment = None
     self._count = 0
@@ -226,7 +261,11 @@ class BatchBuilder:
       slot = int(ids[self.first_row + r])
       v, z = int(self.volume[slot]), int(self.z[slot])
       volume_hu, volume_label = self.store.volume(self.names[v])
-      (sx, dx), (sy, dy) = self.places[v]
+      if self.foreground:
+        rng = np.random.default_rng([derive_seed(self.seed, "crop"), step, self.first_row + r])
+        (sx, dx), (sy, dy) = foreground_place(volume_label[z], s, rng)
+      else:
+        (sx, dx), (sy, dy) = self.places[v]
       if dx.stop - dx.start < s or dy.stop - dy.start < s:
         hu[r].fill(PAD_HU)
         label[r].fill(0)
@@ -381,8 +420,8 @@ def make_train_iterator(store: SliceStore, config: ml_collections.ConfigDict, *,
 
   Args:
     store: from `store.open_store(cache_dir, names=training cases)`.
-    config: reads `seed` and `data.image_size`, `hu_window`, `scaled_range`, `sampling`,
-      `tumor_oversample`, `num_workers`, `prefetch`, `augment.*`.
+    config: reads `seed` and `data.image_size`, `train_crop`, `hu_window`, `scaled_range`,
+      `sampling`, `tumor_oversample`, `num_workers`, `prefetch`, `augment.*`.
     global_batch: real slices per step, B (`train.batch_size`).
     padded_batch: B rounded up to a multiple of the device count; rows B.. are padding.
     process_index, process_count: this JAX process and how many there are.
@@ -393,8 +432,8 @@ def make_train_iterator(store: SliceStore, config: ml_collections.ConfigDict, *,
   Returns:
     A `TrainIterator` whose batches have R = padded_batch / process_count rows:
     'image' (R, S, S, 1) int16 (or float32), 'label' (R, S, S) int32 and 'mask' (R,)
-    bool, S = `data.image_size`; slices centre-cropped or padded with air (-1024 HU,
-    label 0). Process p gets global rows [p R, (p + 1) R); rows >= B have mask False.
+    bool, S = `data.image_size`; slices cropped (`data.train_crop`) or centre-padded with
+    air (-1024 HU, label 0). Process p gets global rows [p R, (p + 1) R); rows >= B have mask False.
   """
   if global_batch < 1 or padded_batch < global_batch:
     raise ValueError(f"need 1 <= global_batch <= padded_batch, got {global_batch}, "
@@ -417,6 +456,7 @@ def make_train_iterator(store: SliceStore, config: ml_collections.ConfigDict, *,
   batches = stream.batch(global_batch, drop_remainder=True).map_with_index(builder)
   identity = {"seed": int(config.seed), "global_batch": global_batch,
               "sampling": data.sampling, "tumor_oversample": float(data.tumor_oversample),
+              "train_crop": data.train_crop,
               "volumes": store.names, "slices": int(len(flags))}
   return TrainIterator(batches, builder, num_workers=int(data.num_workers),
                        prefetch=int(data.prefetch), start_step=start_step, identity=identity)

@@ -361,8 +361,11 @@ def _world(grid: _Grid, flat_index) -> np.ndarray:
 
 
 def _tumours(rng, grid: _Grid, hu, liver, liver_d, liver_hu: float, in_plane: float,
-             low_contrast: bool) -> np.ndarray:
-  """Paints 0-10 tumours; returns their (X, Y, Z) mask. May grow `liver` in place.
+             low_contrast: bool, rate: float = 2.5) -> np.ndarray:
+  """Paints tumours; returns their (X, Y, Z) mask. May grow `liver` in place.
+
+  15% of cases have none; the others 1 + Poisson(`rate`), at most 4 `rate` (0-10 for the
+  default rate 2.5).
 
   Radii are log-uniform from max(2.5 mm, 0.8 voxel) up to 8 mm (half of them) or 35 mm;
   70% hypo-dense (20-50 HU below liver), 15% hyper-dense, 15% faint (8-18 HU); large
@@ -372,7 +375,7 @@ def _tumours(rng, grid: _Grid, hu, liver, liver_d, liver_hu: float, in_plane: fl
   tumour = np.zeros(grid.shape, bool)
   inner = np.flatnonzero(liver & (liver_d < -10.0))
   edge = np.flatnonzero(liver & (liver_d > -6.0))
-  count = 0 if rng.uniform() < 0.15 else min(10, 1 + rng.poisson(2.5))
+  count = 0 if rng.uniform() < 0.15 else min(int(round(4 * rate)), 1 + rng.poisson(rate))
   if not (inner.size or edge.size):
     return tumour
   for _ in range(count):
@@ -441,7 +444,18 @@ def _store_orientation(rng, hu, labels, affine, shape):
   return np.ascontiguousarray(hu), np.ascontiguousarray(labels), affine
 
 
-def make_case(rng: np.random.Generator, size: int, slices: int | None = None):
+def _liver_window(liver: np.ndarray, crop: int) -> tuple[int, int]:
+  """In-plane start (x, y) of a crop x crop window centred on the liver's bounding box."""
+  starts = []
+  for axis in (0, 1):
+    extent = np.flatnonzero(liver.any(axis=tuple(a for a in range(3) if a != axis)))
+    centre = (extent[0] + extent[-1]) // 2 if extent.size else liver.shape[axis] // 2
+    starts.append(int(np.clip(centre - crop // 2, 0, liver.shape[axis] - crop)))
+  return starts[0], starts[1]
+
+
+def make_case(rng: np.random.Generator, size: int, slices: int | None = None, *,
+              crop: int = 0, tumour_rate: float = 2.5):
   """Draws one synthetic abdominal CT with its liver / tumour labels.
 
   Args:
@@ -450,14 +464,23 @@ def make_case(rng: np.random.Generator, size: int, slices: int | None = None):
       times 512 / size, so a 64 x 64 case covers the same body as a 512 x 512 one.
     slices: number of slices; then the slice thickness is the scanned length
       (150-240 mm) / slices. None draws a thickness of 1-5 mm and derives the count.
+    crop: 0, or an in-plane size < size: the case is drawn at `size` and only a crop x crop
+      window centred on the liver's bounding box is kept (a liver region of interest, at
+      the spacing of `size`); the affine moves with it.
+    tumour_rate: lesions per case with tumour are 1 + Poisson(tumour_rate), at most
+      4 tumour_rate (the default 2.5 gives 1-10).
 
   Returns:
-    hu: (size, size, Z) int16 Hounsfield units, in file order.
-    labels: (size, size, Z) uint8, 0 background, 1 liver, 2 tumour (only inside liver).
+    hu: (S, S, Z) int16 Hounsfield units, in file order; S = crop or size.
+    labels: (S, S, Z) uint8, 0 background, 1 liver, 2 tumour (only inside liver).
     affine: (4, 4) float64 voxel -> world (RAS, mm); RAS or LPS order, slices up or down.
   """
   if size < MIN_SIZE:
     raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+  if crop and not MIN_SIZE <= crop <= size:
+    raise ValueError(f"crop must be 0 or in [{MIN_SIZE}, size={size}], got {crop}")
+  if not 0 < tumour_rate < 100:
+    raise ValueError(f"tumour_rate must be in (0, 100), got {tumour_rate}")
   grid, in_plane, thickness = _geometry(rng, size, slices)
   plain = rng.uniform() < 0.25          # no contrast agent
   low_contrast = rng.uniform() < 0.2    # faint tumours, more noise
@@ -472,7 +495,8 @@ def make_case(rng: np.random.Generator, size: int, slices: int | None = None):
   _spleen_and_stomach(rng, grid, hu, body, liver_hu)
   _paint_liver(rng, grid, hu, liver_d, liver_box, hilum, liver_hu, plain)
   liver = liver_d < 0
-  tumour = _tumours(rng, grid, hu, liver, liver_d, liver_hu, in_plane, low_contrast)
+  tumour = _tumours(rng, grid, hu, liver, liver_d, liver_hu, in_plane, low_contrast,
+                    tumour_rate)
   _gallbladder(rng, grid, hu, body, liver, tumour)
 
   sigma = rng.uniform(15, 25) if low_contrast else rng.uniform(10, 20)
@@ -482,12 +506,18 @@ def make_case(rng: np.random.Generator, size: int, slices: int | None = None):
   labels[tumour & liver] = 2
 
   affine = np.diag([in_plane, in_plane, thickness, 1.0])
-  affine[:3, 3] = grid.xs[0], grid.ys[0], grid.zs[0]
-  return _store_orientation(rng, hu, labels, affine, grid.shape)
+  x0 = y0 = 0
+  if crop and crop < size:
+    x0, y0 = _liver_window(labels > 0, crop)
+    hu = np.ascontiguousarray(hu[x0:x0 + crop, y0:y0 + crop])
+    labels = np.ascontiguousarray(labels[x0:x0 + crop, y0:y0 + crop])
+  affine[:3, 3] = grid.xs[x0], grid.ys[y0], grid.zs[0]
+  return _store_orientation(rng, hu, labels, affine, hu.shape)
 
 
 def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None = None,
-                  progress: bool = True) -> list[tuple[str, str]]:
+                  progress: bool = True, crop: int = 0,
+                  tumour_rate: float = 2.5) -> list[tuple[str, str]]:
   """Writes `cases` synthetic cases to `out` in the LiTS layout.
 
   Args:
@@ -497,6 +527,7 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
     seed: case i is drawn from `np.random.default_rng([seed, i])`.
     slices: slices per volume, None for 1-5 mm slices (see `make_case`).
     progress: show a tqdm bar over cases.
+    crop, tumour_rate: see `make_case` (a liver-region crop; lesions per case).
 
   Returns:
     (image path, label path) per case. Also writes `out/synthetic.json` with the settings.
@@ -507,17 +538,22 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
     raise UserError(f"--size must be >= {MIN_SIZE}, got {size}")
   if slices is not None and slices < 1:
     raise UserError(f"--slices must be >= 1, got {slices}")
+  if crop and not MIN_SIZE <= crop <= size:
+    raise UserError(f"--crop must be 0 or in [{MIN_SIZE}, {size}] (the size), got {crop}")
+  if not 0 < tumour_rate < 100:
+    raise UserError(f"--tumour-rate must be in (0, 100), got {tumour_rate}")
   out = os.fspath(out)
   paths = []
   for i in tqdm.trange(cases, desc="synthetic CT", unit="case", disable=not progress):
-    hu, labels, affine = make_case(np.random.default_rng([seed, i]), size, slices)
+    hu, labels, affine = make_case(np.random.default_rng([seed, i]), size, slices, crop=crop,
+                                   tumour_rate=tumour_rate)
     image_path = os.path.join(out, f"volume-{i}.nii.gz")
     label_path = os.path.join(out, f"segmentation-{i}.nii.gz")
     nifti.write_image(image_path, hu, affine)
     nifti.write_image(label_path, labels, affine)
     paths.append((image_path, label_path))
   settings = {"generator": "munet_jax.data.synthetic", "cases": cases, "size": size,
-              "slices": slices, "seed": seed}
+              "slices": slices, "seed": seed, "crop": crop, "tumour_rate": tumour_rate}
   tmp = os.path.join(out, ".synthetic.json.tmp")
   with open(tmp, "w") as f:
     json.dump(settings, f, indent=2)
@@ -526,8 +562,9 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
 
 
 def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
-                             slices: int | None = None,
-                             progress: bool = True) -> list[tuple[str, str]]:
+                             slices: int | None = None, progress: bool = True,
+                             crop: int = 0,
+                             tumour_rate: float = 2.5) -> list[tuple[str, str]]:
   """`write_dataset` into a temporary folder beside `out`, renamed onto `out` when whole.
 
   What `train.py` uses when `data.root` holds no cases: a run killed half-way through
@@ -541,7 +578,8 @@ def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
   tmp = os.path.join(parent, f".{name}.synthetic-tmp")
   shutil.rmtree(tmp, ignore_errors=True)   # left by a run killed while writing it
   try:
-    paths = write_dataset(tmp, cases, size, seed=seed, slices=slices, progress=progress)
+    paths = write_dataset(tmp, cases, size, seed=seed, slices=slices, progress=progress,
+                          crop=crop, tumour_rate=tumour_rate)
   except (OSError, WriteError) as e:
     shutil.rmtree(tmp, ignore_errors=True)
     cause = e.__cause__ if isinstance(e, WriteError) else e

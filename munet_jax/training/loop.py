@@ -15,9 +15,11 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from tqdm import tqdm
 
 from munet_jax import evaluation, sharding
+from munet_jax import postprocessing as pp
 from munet_jax.checkpoints import Checkpointer
 from munet_jax.data import discovery, splits, store, synthetic
 from munet_jax.data.pipeline import make_train_iterator
@@ -74,7 +76,8 @@ def prepare_data(config: ml_collections.ConfigDict):
       print(f"making {config.data.synthetic.cases} synthetic CT volumes in {root}", flush=True)
       synthetic.write_dataset_into_place(
           root, config.data.synthetic.cases, config.data.synthetic.size, seed=config.seed,
-          slices=config.data.synthetic.slices)
+          slices=config.data.synthetic.slices, crop=config.data.synthetic.crop,
+          tumour_rate=config.data.synthetic.tumour_rate)
     sharding.sync_processes("synthetic data")
   split = splits.split_cases(discovery.find_cases(root), config)
   if not split["train"]:
@@ -226,8 +229,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if lead:
     plot_curves(workdir)
 
+  choice = None
+  if config.eval.choose_postprocessing and val_names and lead:
+    choice = choose_postprocessing(variables_of(state), config, slice_store, val_names,
+                                   workdir)
   return final_evaluation(variables_of(state), config, split, slice_store, workdir,
-                          int(state.step))
+                          int(state.step), postprocessing=choice)
+
+
+def choose_postprocessing(variables, config, slice_store, names, workdir) -> dict:
+  """Chooses the post-processing on the validation volumes, writes it into the workdir."""
+  segment = VolumeSegmenter(variables, config, postprocessing={})
+  preds, refs = [], []
+  for name in names:
+    case = slice_store.case(name)
+    preds.append(segment(case.hu))
+    refs.append(np.asarray(case.labels))
+  decision = pp.choose(preds, refs)
+  pp.save_choice(workdir, decision)
+  kept = [s for s, on in decision["choice"].items() if on]
+  print(f"post-processing chosen on {len(names)} validation volumes: "
+        f"{', '.join(kept) if kept else 'none'}", flush=True)
+  return decision["choice"]
 
 
 def _best_effort(*steps) -> None:
@@ -250,7 +273,8 @@ def _finish(*steps) -> None:
     raise first
 
 
-def final_evaluation(variables, config, split, slice_store, workdir, step: int) -> dict | None:
+def final_evaluation(variables, config, split, slice_store, workdir, step: int,
+                     postprocessing=None) -> dict | None:
   """Scores `train.final_eval_split` as `eval.py --workdir` would, and prints the table.
 
   The same scorer and the same document as `eval.py --workdir W --split SPLIT` on this
@@ -261,6 +285,8 @@ def final_evaluation(variables, config, split, slice_store, workdir, step: int) 
   name = config.train.final_eval_split
   if not name or not split[name] or jax.process_index() != 0:
     return None
+  if postprocessing is None:
+    postprocessing = pp.load_choice(workdir)
   # Cases left out as bad were reported when the store was prepared: scored are the others,
   # and the document's source lists them all.
   stored = set(slice_store.names)
@@ -268,7 +294,8 @@ def final_evaluation(variables, config, split, slice_store, workdir, step: int) 
                                      [c.name for c in split[name] if c.name in stored])
   document, path = evaluation.evaluate(variables, config, volumes, workdir=workdir, step=step,
                                        which="latest", split=name, progress=True,
-                                       skipped=slice_store.skipped, allow_empty=True)
+                                       skipped=slice_store.skipped, allow_empty=True,
+                                       postprocessing=postprocessing)
   print(f"\n{name} split, {len(document['cases'])} volumes (results in {path}):")
   print(evaluation.format_table(document), flush=True)
   if slice_store.skipped:

@@ -1,0 +1,104 @@
+"""munet_jax.postprocessing: the two clean-up steps, choosing them on validation volumes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from munet_jax import postprocessing
+from munet_jax.errors import UserError
+
+
+def _volume():
+  """A liver (10x10x4) with a tumour inside, a stray 2x2x2 liver blob, a stray tumour."""
+  labels = np.zeros((24, 24, 6), np.uint8)
+  labels[2:12, 2:12, 1:5] = 1
+  labels[5:8, 5:8, 2:4] = 2              # inside the liver
+  labels[18:20, 18:20, 1:3] = 1          # a second, smaller liver component
+  labels[15:17, 2:4, 1:3] = 2            # tumour touching no liver
+  return labels
+
+
+def test_apply_each_step():
+  labels = _volume()
+  assert postprocessing.apply(labels, {}) is labels
+  assert postprocessing.apply(labels, None) is labels
+  lcc = postprocessing.apply(labels, {"largest_liver_component": True})
+  assert not lcc[18:20, 18:20].any() and not lcc[15:17, 2:4].any()
+  assert (lcc[2:12, 2:12] == labels[2:12, 2:12]).all()
+  inside = postprocessing.apply(labels, {"tumor_inside_liver": True})
+  assert not inside[15:17, 2:4].any()                  # the stray tumour is gone
+  assert (inside[18:20, 18:20, 1:3] == 1).all()        # liver components stay
+  assert (inside[5:8, 5:8, 2:4] == 2).all()
+  assert (labels == _volume()).all()                   # the input is not changed
+
+
+def test_the_inference_function_follows_the_config():
+  from conftest import make_tiny_config
+  from munet_jax.inference import postprocess
+  c = make_tiny_config()
+  c.eval.tumor_inside_liver = True
+  out = postprocess(_volume(), c)
+  assert (out == postprocessing.apply(_volume(), {"tumor_inside_liver": True})).all()
+
+
+def test_choose_keeps_steps_that_help_and_drops_those_that_hurt():
+  ref = _volume()
+  ref[18:20, 18:20] = 0
+  ref[15:17, 2:4] = 0                       # the reference has neither stray object
+  decision = postprocessing.choose([_volume()], [ref])
+  assert decision["choice"] == {"largest_liver_component": True, "tumor_inside_liver": False}
+  # Once the largest component is kept, the stray tumour is already gone: no gain left.
+  first, second = decision["trials"]
+  assert first["kept"] and first["with"]["liver_dice"] > first["without"]["liver_dice"]
+  assert not second["kept"] and second["with"] == second["without"]
+
+  # A reference whose liver really has two components: dropping one lowers the liver
+  # Dice, so only the tumour step is kept.
+  ref = _volume()
+  ref[15:17, 2:4] = 0
+  decision = postprocessing.choose([_volume()], [ref])
+  assert decision["choice"] == {"largest_liver_component": False, "tumor_inside_liver": True}
+  # Liver Dice without the step is exact: |pred liver+tumour| = 416, |ref| = 408, all of
+  # ref inside pred; with it the stray tumour (8 voxels) goes and the two agree.
+  trial = decision["trials"][1]
+  assert trial["without"]["liver_dice"] == pytest.approx(2 * 408 / (416 + 408))
+  assert trial["with"]["liver_dice"] == 1.0
+  assert trial["without"]["tumour_dice"] == pytest.approx(2 * 18 / (26 + 18))
+
+
+def test_choice_is_saved_and_loaded(tmp_path):
+  assert postprocessing.load_choice(str(tmp_path)) is None
+  decision = postprocessing.choose([_volume()], [_volume()])
+  path = postprocessing.save_choice(str(tmp_path), decision)
+  assert json.load(open(path))["choice"] == decision["choice"]
+  assert postprocessing.load_choice(str(tmp_path)) == decision["choice"]
+  with open(path, "w") as f:
+    f.write('{"choice": {"largest_liver_component": 1}}')
+  with pytest.raises(UserError, match="postprocessing.json"):
+    postprocessing.load_choice(str(tmp_path))
+
+
+def test_eval_and_predict_apply_the_runs_choice(tmp_path, monkeypatch):
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+  from tiny_run import make_tiny_run
+  from munet_jax import evaluation, inference
+  from munet_jax.data import synthetic
+  data, workdir = tmp_path / "data", tmp_path / "work"
+  synthetic.write_dataset(str(data), 4, 32, seed=1, slices=4, progress=False)
+  make_tiny_run(str(workdir), str(data))
+  seen = []
+  real_apply = postprocessing.apply
+  monkeypatch.setattr(postprocessing, "apply",
+                      lambda labels, choice: seen.append(dict(choice)) or real_apply(labels, choice))
+  chosen = {"largest_liver_component": False, "tumor_inside_liver": True}
+  postprocessing.save_choice(str(workdir), {"choice": chosen})
+  document, _ = evaluation.evaluate_run(str(workdir), progress=False)
+  assert document["source"]["postprocessing"] == chosen
+  assert len(seen) == 2 and all(c == chosen for c in seen)       # the two test volumes
+  seen.clear()
+  inference.predict_path(str(workdir), str(data / "volume-0.nii.gz"), str(tmp_path / "p.nii.gz"),
+                         progress=False)
+  assert seen == [chosen]
