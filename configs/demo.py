@@ -50,8 +50,8 @@ def get_config():
   c.data.num_train = 48
   c.data.num_val = 4
   c.data.num_test = 12
-  c.data.sampling = "tumor_oversample"
-  c.data.tumor_oversample = 0.25
+  c.data.sampling = "tumour_oversample"
+  c.data.tumour_oversample = 0.25
   c.data.num_workers = 0             # two cores: the training step needs both
   c.model.features = (16, 32, 64, 128)
   c.model.dropout_rate = 0.0

@@ -39,8 +39,8 @@ def get_config():
   c.data.num_train = 24
   c.data.num_val = 0
   c.data.num_test = 40
-  c.data.sampling = "tumor_oversample"
-  c.data.tumor_oversample = 0.5
+  c.data.sampling = "tumour_oversample"
+  c.data.tumour_oversample = 0.5
   c.data.num_workers = 0
   c.model.features = (16, 32, 64, 128)
   c.model.dropout_rate = 0.0

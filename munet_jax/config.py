@@ -21,7 +21,7 @@ from ml_collections import config_dict
 from munet_jax.errors import UserError
 
 LOSSES = ("mse", "dice", "ce_dice")
-SAMPLING = ("all", "liver", "tumor_oversample")
+SAMPLING = ("all", "liver", "tumour_oversample")
 DTYPES = ("float32", "bfloat16")
 SPLIT_PRESETS = ("lits", "ircadb", "custom", "kfold")
 TRAIN_CROPS = ("centre", "foreground")
@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.folds = 5                                         # split=kfold: folds of the non-test cases
   c.data.fold = 0                                          # split=kfold: the validation fold
   c.data.sampling = "all"                                  # all slices, as in the paper
-  c.data.tumor_oversample = 0.0                            # extra share of tumour slices
+  c.data.tumour_oversample = 0.0                            # extra share of tumour slices
   c.data.num_workers = 2
   c.data.prefetch = 4
   c.data.skip_bad = False
@@ -99,12 +99,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
   c.eval.largest_liver_component = False                   # post-processing, off as in paper
-  c.eval.tumor_inside_liver = False
+  c.eval.tumour_inside_liver = False
   c.eval.tta = False                                       # mean softmax over in-plane mirrorings
   c.eval.choose_postprocessing = False                     # learn the two above on the val split
   c.eval.small_lesion_mm = 28.0                            # 28 x 28 mm^2 small-object bound
   c.eval.nsd_tolerance_mm = 2.0                            # NSD tolerance: ~2 in-plane voxels
   return c
+
+
+# Keys and values spelt "tumor" before the code settled on "tumour": configs, saved
+# checkpoints and command lines that use the old spelling are read as the new one.
+RENAMED_KEYS = {"data.tumor_oversample": "data.tumour_oversample",
+                "eval.tumor_inside_liver": "eval.tumour_inside_liver"}
+RENAMED_VALUES = {"data.sampling": {"tumor_oversample": "tumour_oversample"}}
+
+
+def _upgrade(values: dict) -> dict:
+  """A nested config dict with the old spellings of `RENAMED_KEYS` / `RENAMED_VALUES` replaced."""
+  values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+  for old, new in RENAMED_KEYS.items():
+    (section, old_leaf), (_, new_leaf) = old.split("."), new.split(".")
+    node = values.get(section)
+    if isinstance(node, dict) and old_leaf in node:
+      value = node.pop(old_leaf)
+      node[new_leaf] = value   # set under its old name: that is the value meant
+  for dotted, renamed in RENAMED_VALUES.items():
+    section, leaf = dotted.split(".")
+    node = values.get(section)
+    if isinstance(node, dict) and isinstance(node.get(leaf), str):
+      node[leaf] = renamed.get(node[leaf], node[leaf])
+  return values
 
 
 def _flatten(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -186,7 +210,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.data.folds >= 2, "data.folds", "must be >= 2")
   need(0 <= c.data.fold < c.data.folds, "data.fold", f"must be in [0, data.folds={c.data.folds})")
   need(c.data.sampling in SAMPLING, "data.sampling", f"must be one of {SAMPLING}")
-  need(0.0 <= c.data.tumor_oversample < 1.0, "data.tumor_oversample", "must be in [0, 1)")
+  need(0.0 <= c.data.tumour_oversample < 1.0, "data.tumour_oversample", "must be in [0, 1)")
   need(c.data.num_workers >= 0, "data.num_workers", "must be >= 0")
   need(c.data.prefetch >= 0, "data.prefetch", "must be >= 0")
   need(c.train.steps >= 0, "train.steps", "must be >= 0")
@@ -237,9 +261,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise UserError(f"{path}: get_config() must return an ml_collections.ConfigDict "
                     f"(start from munet_jax.config.base_config()), got {type(config).__name__}")
-  config = validate(config)
-  config.lock()
-  return config
+  return config_from_dict(config.to_dict())
 
 
 def _parse_value(text: str, current: Any) -> Any:
@@ -275,6 +297,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
     if "=" not in item:
       raise UserError(f"config override '{item}' must be KEY=VALUE")
     dotted, text = item.split("=", 1)
+    dotted = RENAMED_KEYS.get(dotted, dotted)
+    text = RENAMED_VALUES.get(dotted, {}).get(text, text)
     *parents, leaf = dotted.split(".")
     node = config
     for p in parents:
@@ -308,7 +332,7 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
       else:
         node[key] = tuple(value) if isinstance(value, list) else value
 
-  assign(config, values, "")
+  assign(config, _upgrade(values), "")
   config = validate(config)
   config.lock()
   return config

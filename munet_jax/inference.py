@@ -196,7 +196,7 @@ class VolumeSegmenter:
 
 
 def postprocess(labels: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
-  """The clean-up the config fixes (`eval.largest_liver_component`, `eval.tumor_inside_liver`,
+  """The clean-up the config fixes (`eval.largest_liver_component`, `eval.tumour_inside_liver`,
   off by default, as in the paper); see `munet_jax.postprocessing`."""
   return pp.apply(labels, pp.from_config(config))
 

@@ -3,11 +3,11 @@
 Two optional steps, applied in this order:
   largest_liver_component  keep the largest 6-connected component of liver + tumour;
                            everything else becomes background.
-  tumor_inside_liver       tumour components (6-connected) with no liver voxel among
+  tumour_inside_liver       tumour components (6-connected) with no liver voxel among
                            their face neighbours become background.
 
 A run either fixes them in its config (`eval.largest_liver_component`,
-`eval.tumor_inside_liver`) or, with `eval.choose_postprocessing`, learns them at the end
+`eval.tumour_inside_liver`) or, with `eval.choose_postprocessing`, learns them at the end
 of training the way nnU-Net does: the validation volumes are segmented once without
 post-processing, then each step in turn is tried on top of the steps kept so far and is
 kept only when it raises the validation score and lowers none of it (the score: liver
@@ -28,13 +28,13 @@ from scipy import ndimage
 
 from munet_jax.errors import UserError
 
-STEPS = ("largest_liver_component", "tumor_inside_liver")
+STEPS = ("largest_liver_component", "tumour_inside_liver")
 FILE = "postprocessing.json"
 _FACES = ndimage.generate_binary_structure(3, 1)
 
 
 def from_config(config) -> dict[str, bool]:
-  """The steps a config fixes (`eval.largest_liver_component`, `eval.tumor_inside_liver`)."""
+  """The steps a config fixes (`eval.largest_liver_component`, `eval.tumour_inside_liver`)."""
   return {step: bool(config.eval[step]) for step in STEPS}
 
 
@@ -51,7 +51,7 @@ def apply(labels: np.ndarray, choice: dict[str, bool] | None) -> np.ndarray:
       sizes = np.bincount(components.ravel())
       sizes[0] = 0
       labels[components != int(np.argmax(sizes))] = 0
-  if choice.get("tumor_inside_liver", False):
+  if choice.get("tumour_inside_liver", False):
     tumours, n = ndimage.label(labels == 2, structure=structure)
     if n:
       near_liver = ndimage.binary_dilation(labels == 1, structure=structure)

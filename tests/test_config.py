@@ -134,3 +134,21 @@ def test_config_file_without_get_config_is_named(tmp_path):
 
 def test_base_config_is_valid():
   validate(base_config())
+
+
+def test_the_old_tumor_spellings_are_read_as_the_new_keys(tmp_path):
+  from munet_jax.config import config_from_dict
+  c = apply_overrides(base_config(), ["data.tumor_oversample=0.3",
+                                      "data.sampling=tumor_oversample",
+                                      "eval.tumor_inside_liver=True"])
+  assert c.data.tumour_oversample == 0.3 and c.data.sampling == "tumour_oversample"
+  assert c.eval.tumour_inside_liver is True
+  saved = base_config().to_dict()   # a checkpoint's config written before the rename
+  saved["data"]["tumor_oversample"] = saved["data"].pop("tumour_oversample")
+  saved["data"]["sampling"] = "tumor_oversample"
+  restored = config_from_dict(saved)
+  assert restored.data.sampling == "tumour_oversample"
+  path = tmp_path / "old.py"
+  path.write_text("from munet_jax.config import base_config\n\ndef get_config():\n"
+                  "  c = base_config()\n  c.data.tumor_oversample = 0.2\n  return c\n")
+  assert load_config_file(str(path)).data.tumour_oversample == 0.2

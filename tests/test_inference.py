@@ -146,12 +146,12 @@ def test_largest_liver_component_removes_the_others():
   np.testing.assert_array_equal(out, expected)
 
 
-def test_tumor_inside_liver_drops_tumours_touching_no_liver():
+def test_tumour_inside_liver_drops_tumours_touching_no_liver():
   labels = np.zeros((20, 20, 5), np.uint8)
   labels[0:10, 0:10, :] = 1
   labels[9:12, 0:3, 0:2] = 2         # touches the liver at x = 9: kept
   labels[15:18, 15:18, 2:4] = 2      # floats alone: dropped
-  out = inference.postprocess(labels, _config(tumor_inside_liver=True))
+  out = inference.postprocess(labels, _config(tumour_inside_liver=True))
   expected = labels.copy()
   expected[15:18, 15:18, 2:4] = 0
   np.testing.assert_array_equal(out, expected)

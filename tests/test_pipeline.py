@@ -215,7 +215,7 @@ def test_tumor_oversampling_draws_more_tumour_slices(train_store):
             for b in _take(_iterator(train_store, config), 40) for r in range(5)]
     return np.mean([z == 2 for _, z in rows])
   plain = tumour_share(_config(sampling="all"))
-  over = tumour_share(_config(sampling="tumor_oversample", tumor_oversample=0.5))
+  over = tumour_share(_config(sampling="tumour_oversample", tumour_oversample=0.5))
   assert abs(plain - 3 / 18) < 0.02          # whole epochs: exactly 3 of 18 slices
   assert abs(over - (0.5 + 0.5 * 3 / 18)) < 0.03
 
@@ -229,7 +229,7 @@ def test_liver_sampling_without_liver_is_an_error(tmp_path):
   st = store.prepare_store(discovery.find_cases(root), tmp_path / "cache")
   with pytest.raises(UserError, match="data.sampling"):
     _iterator(st, _config(sampling="liver"))
-  [b] = _take(_iterator(st, _config(sampling="tumor_oversample", tumor_oversample=0.3)), 1)
+  [b] = _take(_iterator(st, _config(sampling="tumour_oversample", tumour_oversample=0.3)), 1)
   assert b["mask"].sum() == 5                 # no tumour anywhere: plain sampling
 
 
@@ -316,8 +316,8 @@ def test_foreground_windows_hold_the_tumour_then_the_liver_and_reach_both_ends()
 
 
 def test_foreground_crops_are_deterministic_and_hold_the_tumour(train_store):
-  config = _config(train_crop="foreground", image_size=12, sampling="tumor_oversample",
-                   tumor_oversample=0.9)
+  config = _config(train_crop="foreground", image_size=12, sampling="tumour_oversample",
+                   tumour_oversample=0.9)
   a = _take(_iterator(train_store, config), 3)
   b = _take(_iterator(train_store, config), 3)
   tumour_rows = 0

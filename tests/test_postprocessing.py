@@ -26,7 +26,7 @@ def test_apply_each_step():
   lcc = postprocessing.apply(labels, {"largest_liver_component": True})
   assert not lcc[18:20, 18:20].any() and not lcc[15:17, 2:4].any()
   assert (lcc[2:12, 2:12] == labels[2:12, 2:12]).all()
-  inside = postprocessing.apply(labels, {"tumor_inside_liver": True})
+  inside = postprocessing.apply(labels, {"tumour_inside_liver": True})
   assert not inside[15:17, 2:4].any()                  # the stray tumour is gone
   assert (inside[18:20, 18:20, 1:3] == 1).all()        # liver components stay
   assert (inside[5:8, 5:8, 2:4] == 2).all()
@@ -37,9 +37,9 @@ def test_the_inference_function_follows_the_config():
   from conftest import make_tiny_config
   from munet_jax.inference import postprocess
   c = make_tiny_config()
-  c.eval.tumor_inside_liver = True
+  c.eval.tumour_inside_liver = True
   out = postprocess(_volume(), c)
-  assert (out == postprocessing.apply(_volume(), {"tumor_inside_liver": True})).all()
+  assert (out == postprocessing.apply(_volume(), {"tumour_inside_liver": True})).all()
 
 
 def test_choose_keeps_steps_that_help_and_drops_those_that_hurt():
@@ -47,7 +47,7 @@ def test_choose_keeps_steps_that_help_and_drops_those_that_hurt():
   ref[18:20, 18:20] = 0
   ref[15:17, 2:4] = 0                       # the reference has neither stray object
   decision = postprocessing.choose([_volume()], [ref])
-  assert decision["choice"] == {"largest_liver_component": True, "tumor_inside_liver": False}
+  assert decision["choice"] == {"largest_liver_component": True, "tumour_inside_liver": False}
   # Once the largest component is kept, the stray tumour is already gone: no gain left.
   first, second = decision["trials"]
   assert first["kept"] and first["with"]["liver_dice"] > first["without"]["liver_dice"]
@@ -58,7 +58,7 @@ def test_choose_keeps_steps_that_help_and_drops_those_that_hurt():
   ref = _volume()
   ref[15:17, 2:4] = 0
   decision = postprocessing.choose([_volume()], [ref])
-  assert decision["choice"] == {"largest_liver_component": False, "tumor_inside_liver": True}
+  assert decision["choice"] == {"largest_liver_component": False, "tumour_inside_liver": True}
   # Liver Dice without the step is exact: |pred liver+tumour| = 416, |ref| = 408, all of
   # ref inside pred; with it the stray tumour (8 voxels) goes and the two agree.
   trial = decision["trials"][1]
@@ -93,7 +93,7 @@ def test_eval_and_predict_apply_the_runs_choice(tmp_path, monkeypatch):
   real_apply = postprocessing.apply
   monkeypatch.setattr(postprocessing, "apply",
                       lambda labels, choice: seen.append(dict(choice)) or real_apply(labels, choice))
-  chosen = {"largest_liver_component": False, "tumor_inside_liver": True}
+  chosen = {"largest_liver_component": False, "tumour_inside_liver": True}
   postprocessing.save_choice(str(workdir), {"choice": chosen})
   document, _ = evaluation.evaluate_run(str(workdir), progress=False)
   assert document["source"]["postprocessing"] == chosen

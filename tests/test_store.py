@@ -59,7 +59,7 @@ def test_store_holds_ras_slices_first_with_spacing_and_flags(synthetic_root, tmp
     np.testing.assert_allclose(s.info(case.name).spacing, (sz, sx, sy))
     flags = s.info(case.name).slice_flags()
     np.testing.assert_array_equal(flags & store.LIVER != 0, (want_lab > 0).any(axis=(1, 2)))
-    np.testing.assert_array_equal(flags & store.TUMOR != 0, (want_lab == 2).any(axis=(1, 2)))
+    np.testing.assert_array_equal(flags & store.TUMOUR != 0, (want_lab == 2).any(axis=(1, 2)))
 
 
 def test_lps_volume_is_reoriented_to_ras(tmp_path):
@@ -197,7 +197,7 @@ def test_real_ct_through_the_store(tmp_path):
   assert info.shape == hu.shape == labels.shape == (30, 122, 101)
   np.testing.assert_allclose(info.spacing, (3.0, 3.0, 3.0), atol=1e-4)
   assert int((labels == 1).sum()) == 38634 and not (labels == 2).any()
-  assert info.tumor == ()
+  assert info.tumour == ()
   img = nib.load(os.path.join(REAL_CT, "ct_abdomen_3mm.nii.gz"))
   want = np.moveaxis(nifti.to_ras(np.asarray(img.dataobj), img.affine), 2, 0)
   np.testing.assert_array_equal(hu, want)

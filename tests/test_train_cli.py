@@ -67,7 +67,7 @@ def test_a_run_checkpoints_logs_plots_and_prints_the_table(uninterrupted):
   # Post-processing chosen on the validation volume, recorded, applied to the final scores.
   chosen = json.loads((workdir / "postprocessing.json").read_text())
   assert chosen["volumes"] == 1 and [t["step"] for t in chosen["trials"]] == [
-      "largest_liver_component", "tumor_inside_liver"]
+      "largest_liver_component", "tumour_inside_liver"]
   assert results["source"]["postprocessing"] == chosen["choice"]
   assert "post-processing chosen on 1 validation volumes" in out
 

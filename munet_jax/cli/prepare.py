@@ -39,7 +39,7 @@ def main(argv: Sequence[str], prog: str = "munet-prepare") -> int:
   for name, reason in slice_store.skipped:
     print(f"skipped {name}: {reason}", file=sys.stderr)
   liver = sum(sum(b - a for a, b in v.liver) for v in slice_store.volumes)
-  tumour = sum(sum(b - a for a, b in v.tumor) for v in slice_store.volumes)
+  tumour = sum(sum(b - a for a, b in v.tumour) for v in slice_store.volumes)
   print(f"{slice_store.cache_dir}: {len(slice_store)} volumes, {slice_store.num_slices} "
         f"slices ({liver} with liver, {tumour} with tumour)"
         + (f", {len(slice_store.skipped)} skipped" if slice_store.skipped else ""))

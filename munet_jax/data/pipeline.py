@@ -4,9 +4,9 @@ The whole sequence of batches is a pure function of the config and the store:
 
   slice stream   position k -> a slice of the store. 'all': every slice once per epoch,
                  reshuffled each epoch (grain `shuffle` + `repeat`); 'liver': the same over
-                 the slices holding liver; 'tumor_oversample': the 'all' stream mixed with
+                 the slices holding liver; 'tumour_oversample': the 'all' stream mixed with
                  an equally reshuffled stream of tumour slices (grain `mix`), so a share
-                 `data.tumor_oversample` of all positions draws a tumour slice.
+                 `data.tumour_oversample` of all positions draws a tumour slice.
   global batch   step t -> positions [t * B, (t + 1) * B) of the stream (grain `batch`), B
                  the global batch. Epochs run on across batch boundaries: no slice is
                  dropped and none is drawn twice in one epoch.
@@ -51,13 +51,13 @@ import ml_collections
 import numpy as np
 
 from munet_jax.data import batch_slots
-from munet_jax.data.store import LIVER, TUMOR, SliceStore
+from munet_jax.data.store import LIVER, TUMOUR, SliceStore
 from munet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 PAD_HU = -1024          # air: what slices are padded with
-LIVER_LABEL, TUMOR_LABEL = 1, 2
+LIVER_LABEL, TUMOUR_LABEL = 1, 2
 STATE_VERSION = 1
 _worker_index = None    # this Grain worker's index; None in the main process
 
@@ -112,14 +112,14 @@ def _epochs(pool: np.ndarray, seed: int) -> grain.MapDataset:
   return grain.MapDataset.source(pool).shuffle(seed=seed).repeat()
 
 
-def slice_stream(flags: np.ndarray, sampling: str, tumor_oversample: float,
+def slice_stream(flags: np.ndarray, sampling: str, tumour_oversample: float,
                  seed: int) -> grain.MapDataset:
   """The infinite stream of slice indices (into the store's `slice_table`) to train on.
 
   Args:
-    flags: (N,) uint8 per-slice flags of the store (bits LIVER, TUMOR).
-    sampling: 'all', 'liver' or 'tumor_oversample' (`data.sampling`).
-    tumor_oversample: the share of positions drawn from the tumour slices, in [0, 1).
+    flags: (N,) uint8 per-slice flags of the store (bits LIVER, TUMOUR).
+    sampling: 'all', 'liver' or 'tumour_oversample' (`data.sampling`).
+    tumour_oversample: the share of positions drawn from the tumour slices, in [0, 1).
     seed: `config.seed`.
 
   Raises:
@@ -133,21 +133,21 @@ def slice_stream(flags: np.ndarray, sampling: str, tumor_oversample: float,
     if pool.size == 0:
       raise UserError("config key 'data.sampling' is 'liver' but no training slice holds "
                       "liver (label 1 or 2)")
-  elif sampling in ("all", "tumor_oversample"):
+  elif sampling in ("all", "tumour_oversample"):
     pool = np.arange(n, dtype=np.int32)
   else:
     raise UserError(f"config key 'data.sampling' must be 'all', 'liver' or "
-                    f"'tumor_oversample', got {sampling!r}")
+                    f"'tumour_oversample', got {sampling!r}")
   stream = _epochs(pool, derive_seed(seed, "slices", sampling))
-  if sampling == "tumor_oversample" and tumor_oversample > 0:
-    tumour = np.flatnonzero(flags & TUMOR).astype(np.int32)
+  if sampling == "tumour_oversample" and tumour_oversample > 0:
+    tumour = np.flatnonzero(flags & TUMOUR).astype(np.int32)
     if tumour.size == 0:
-      log.warning("data.sampling is 'tumor_oversample' but no training slice holds tumour; "
+      log.warning("data.sampling is 'tumour_oversample' but no training slice holds tumour; "
                   "sampling all slices")
       return stream
     stream = grain.MapDataset.mix(
         [stream, _epochs(tumour, derive_seed(seed, "tumour slices"))],
-        [1.0 - tumor_oversample, tumor_oversample])
+        [1.0 - tumour_oversample, tumour_oversample])
   return stream
 
 
@@ -169,7 +169,7 @@ def foreground_place(label: np.ndarray, size: int, rng: np.random.Generator):
   that hold it.
   """
   voxel = None
-  for value in (TUMOR_LABEL, LIVER_LABEL):
+  for value in (TUMOUR_LABEL, LIVER_LABEL):
     where = np.flatnonzero(label.ravel() == value)
     if where.size:
       voxel = np.unravel_index(int(where[rng.integers(where.size)]), label.shape)
@@ -421,7 +421,7 @@ def make_train_iterator(store: SliceStore, config: ml_collections.ConfigDict, *,
   Args:
     store: from `store.open_store(cache_dir, names=training cases)`.
     config: reads `seed` and `data.image_size`, `train_crop`, `hu_window`, `scaled_range`,
-      `sampling`, `tumor_oversample`, `num_workers`, `prefetch`, `augment.*`.
+      `sampling`, `tumour_oversample`, `num_workers`, `prefetch`, `augment.*`.
     global_batch: real slices per step, B (`train.batch_size`).
     padded_batch: B rounded up to a multiple of the device count; rows B.. are padding.
     process_index, process_count: this JAX process and how many there are.
@@ -449,13 +449,13 @@ def make_train_iterator(store: SliceStore, config: ml_collections.ConfigDict, *,
                     "skipped as bad, or the split has none)")
   data = config.data
   _, _, flags = store.slice_table()
-  stream = slice_stream(flags, data.sampling, float(data.tumor_oversample), int(config.seed))
+  stream = slice_stream(flags, data.sampling, float(data.tumour_oversample), int(config.seed))
   rows = padded_batch // process_count
   builder = BatchBuilder(store, config, global_batch=global_batch, rows=rows,
                          first_row=process_index * rows, preprocessed=preprocessed)
   batches = stream.batch(global_batch, drop_remainder=True).map_with_index(builder)
   identity = {"seed": int(config.seed), "global_batch": global_batch,
-              "sampling": data.sampling, "tumor_oversample": float(data.tumor_oversample),
+              "sampling": data.sampling, "tumour_oversample": float(data.tumour_oversample),
               "train_crop": data.train_crop,
               "volumes": store.names, "slices": int(len(flags))}
   return TrainIterator(batches, builder, num_workers=int(data.num_workers),

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1                   # bump when the layout or the meaning of the files changes
 INDEX = "index.json"
 VOLUMES = "volumes"
-LIVER, TUMOR = 1, 2          # bits of the per-slice flags
+LIVER, TUMOUR = 1, 2          # bits of the per-slice flags
 _CHUNK_BYTES = 64 << 20      # slices converted at a time: bounds the extra memory
 _TMP_PREFIX = ".tmp-"
 
@@ -68,7 +68,7 @@ class VolumeInfo:
     spacing: (sz, sx, sy) voxel size in mm, in the order of `shape`.
     affine: (4, 4) voxel -> world matrix of the source file (its own axis order).
     liver: [start, stop) ranges of the slices that hold liver (label 1 or 2).
-    tumor: [start, stop) ranges of the slices that hold tumour (label 2).
+    tumour: [start, stop) ranges of the slices that hold tumour (label 2).
     image, label: the source files.
   """
   name: str
@@ -77,7 +77,7 @@ class VolumeInfo:
   spacing: tuple[float, float, float]
   affine: tuple
   liver: tuple[tuple[int, int], ...]
-  tumor: tuple[tuple[int, int], ...]
+  tumour: tuple[tuple[int, int], ...]
   image: str
   label: str
 
@@ -86,9 +86,9 @@ class VolumeInfo:
     return self.shape[0]
 
   def slice_flags(self) -> np.ndarray:
-    """(Z,) uint8: bit `LIVER` set on slices with liver, bit `TUMOR` on slices with tumour."""
+    """(Z,) uint8: bit `LIVER` set on slices with liver, bit `TUMOUR` on slices with tumour."""
     flags = np.zeros(self.num_slices, np.uint8)
-    for bit, ranges in ((LIVER, self.liver), (TUMOR, self.tumor)):
+    for bit, ranges in ((LIVER, self.liver), (TUMOUR, self.tumour)):
       for start, stop in ranges:
         flags[start:stop] |= bit
     return flags
@@ -104,7 +104,7 @@ class VolumeInfo:
                shape=tuple(d["shape"]), spacing=tuple(d["spacing"]),
                affine=tuple(tuple(r) for r in d["affine"]),
                liver=tuple(tuple(r) for r in d["liver"]),
-               tumor=tuple(tuple(r) for r in d["tumor"]), image=d["image"], label=d["label"])
+               tumour=tuple(tuple(r) for r in d.get("tumour", d.get("tumor", ()))), image=d["image"], label=d["label"])
 
 
 class SliceStore:
@@ -171,7 +171,7 @@ class SliceStore:
 
     Returns:
       (volume, z, flags): (N,) int32 index into `volumes`, (N,) int32 slice index, and
-      (N,) uint8 flags (bits `LIVER`, `TUMOR`), N = `num_slices`.
+      (N,) uint8 flags (bits `LIVER`, `TUMOUR`), N = `num_slices`.
     """
     counts = [v.num_slices for v in self.volumes]
     volume = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
@@ -358,7 +358,7 @@ def _prepare_volume(case: Case, cache_dir: str, fingerprint: dict) -> VolumeInfo
         name=case.name, folder=final, shape=shape,
         spacing=(spacing[2], spacing[0], spacing[1]),
         affine=tuple(tuple(float(v) for v in row) for row in affine),
-        liver=_ranges(flags & LIVER), tumor=_ranges(flags & TUMOR),
+        liver=_ranges(flags & LIVER), tumour=_ranges(flags & TUMOUR),
         image=fingerprint["image"]["path"], label=fingerprint["label"]["path"])
     write_json(os.path.join(tmp, "meta.json"), dict(info.to_json(cache_dir),
                                                      fingerprint=fingerprint))
@@ -409,7 +409,7 @@ def _write_slices(path: str, ras: np.ndarray, dtype, convert, flags: bool = Fals
       block = convert(block) if convert else block.astype(dtype, copy=False)
       if flags:
         out_flags[z0:z0 + len(block)] = (
-            LIVER * liver_mask(block).any(axis=(1, 2)) | TUMOR * tumour_mask(block).any(axis=(1, 2)))
+            LIVER * liver_mask(block).any(axis=(1, 2)) | TUMOUR * tumour_mask(block).any(axis=(1, 2)))
       f.write(np.ascontiguousarray(block, dtype=dtype).data)
     f.flush()
     os.fsync(f.fileno())
