@@ -49,6 +49,8 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
+from scipy import ndimage
 
 from munet_jax.data import batch_slots
 from munet_jax.data.store import LIVER, TUMOUR, SliceStore
@@ -96,7 +98,6 @@ def _exit_with_parent(interval: float = 0.5) -> None:
 
 def _absl_flags_default() -> None:
   """Lets Grain read its absl flags (at their defaults) when no absl app parsed them."""
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -290,7 +291,6 @@ class BatchBuilder:
 
   def _augmented(self, step: int, row: int, hu: np.ndarray, label: np.ndarray):
     """One slice's augmentation, drawn from (seed, step, global row) alone."""
-    from scipy import ndimage
     rng = np.random.default_rng([derive_seed(self.seed, "augment"), step, row])
     flips = rng.random(2) < 0.5
     angle = math.radians(rng.uniform(-self.degrees, self.degrees))
