@@ -45,7 +45,6 @@ from munet_jax.metrics import DEFAULT_NSD_TOLERANCE, METRIC_NAMES, segmentation_
 from munet_jax.overlays import write_case_overlays
 from munet_jax.postprocessing import load_choice
 
-METRICS = METRIC_NAMES   # per case and target, and summarised
 TABLE_METRICS = ("dsc", "voe", "rvd", "assd", "mssd")   # the paper's table, by default
 # Each metric's column: scale (fractions in %, distances in mm) and header.
 _COLUMNS = {"dsc": (100, "DSC %"), "voe": (100, "VOE %"), "rvd": (100, "RVD %"),
@@ -59,7 +58,7 @@ def table_metrics(text: str) -> tuple[str, ...]:
   unknown = [name for name in names if name not in _COLUMNS]
   if unknown or not names:
     raise UserError(f"unknown metric(s) {', '.join(unknown) or repr(text)}; choose from "
-                    f"{','.join(METRICS)}")
+                    f"{','.join(METRIC_NAMES)}")
   return names
 
 
@@ -102,7 +101,7 @@ def _stats(values: list) -> dict:
 
 def summarize(cases: list[dict]) -> dict:
   """{"liver": {metric: {mean, std, n}}, "tumor": {...}} over the cases' finite values."""
-  return {target: {m: _stats([c[target][m] for c in cases]) for m in METRICS}
+  return {target: {m: _stats([c[target][m] for c in cases]) for m in METRIC_NAMES}
           for target in TARGETS}
 
 

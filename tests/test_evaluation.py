@@ -72,8 +72,8 @@ def test_non_finite_values_are_null_in_json_and_left_out_of_the_summary():
 
 
 def test_summary_is_mean_and_population_std_over_cases():
-  cases = [{"liver": {m: v for m in evaluation.METRICS}, "tumor": {m: None for m in
-                                                                   evaluation.METRICS}}
+  cases = [{"liver": {m: v for m in evaluation.METRIC_NAMES}, "tumor": {m: None for m in
+                                                                   evaluation.METRIC_NAMES}}
            for v in (0.9, 0.8, 1.0)]
   summary = evaluation.summarize(cases)
   assert summary["liver"]["dsc"]["mean"] == pytest.approx(0.9)

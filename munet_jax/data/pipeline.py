@@ -373,11 +373,6 @@ class TrainIterator:
     self._step += 1
     return batch
 
-  @property
-  def step(self) -> int:
-    """The step whose batch `next` returns."""
-    return self._step
-
   def get_state(self) -> dict:
     """JSON-serialisable state: the next step and what the batches depend on."""
     return {"version": STATE_VERSION, "step": self._step, **self._identity}

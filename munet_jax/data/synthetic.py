@@ -35,6 +35,7 @@ import tqdm
 
 from munet_jax.data import nifti
 from munet_jax.errors import UserError, WriteError
+from munet_jax.labels import bounding_box
 
 MIN_SIZE = 16  # below this the anatomy is a few voxels
 
@@ -274,15 +275,6 @@ def _vessels_and_kidneys(rng, grid: _Grid, hu: np.ndarray, body: _Body,
   return keep_out
 
 
-def _bounding_box(mask: np.ndarray):
-  """Index slices of the smallest box holding all of `mask` (the whole array if empty)."""
-  out = []
-  for axis in range(mask.ndim):
-    hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-    out.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(None))
-  return tuple(out)
-
-
 def _liver_shape(rng, grid: _Grid, body: _Body, keep_out: np.ndarray):
   """Signed distance (mm) to the liver: right lobe, left lobe, caudate, lobulated.
 
@@ -304,7 +296,8 @@ def _liver_shape(rng, grid: _Grid, body: _Body, keep_out: np.ndarray):
     box, d = _ellipsoid(grid, center, radii, _rotation(rng))
     if box is not None:
       np.minimum(liver_d[box], d, out=liver_d[box])
-  box = _bounding_box(np.isfinite(liver_d))
+  finite = np.isfinite(liver_d)
+  box = bounding_box(finite) or tuple(slice(None) for _ in range(finite.ndim))
   liver_d[box] += 9.0 * _smooth_field(rng, grid, box, length=30.0)  # lobulated surface
   liver_d = np.maximum(liver_d, body.cavity_d + 3.0)                 # inside the wall
   liver_d[keep_out] = np.inf
