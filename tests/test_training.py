@@ -230,15 +230,23 @@ def test_reading_a_run_logs_nothing(tmp_path, tiny_state, caplog):
   assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
 
 
-@pytest.mark.slow
-def _device_trajectories(tmp_path, *flags):
-  out = tmp_path / "finals.npz"
+@pytest.fixture(scope="module")
+def device_trajectories(tmp_path_factory):
+  """({run: losses}, {run: final weights}) of tests/helpers/device_trajectory.py: sound
+  runs under "n" / "a->b", runs with padding counted as real under "broken:..."."""
+  out = tmp_path_factory.mktemp("devices") / "finals.npz"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "helpers",
-                                                      "device_trajectory.py"), str(out), *flags],
+                                                      "device_trajectory.py"), str(out)],
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return json.loads(proc.stdout.strip().splitlines()[-1]), dict(np.load(out))
+
+
+def _runs(trajectories, finals, prefix):
+  n = len(prefix)
+  keep = [k for k in trajectories if k.startswith(prefix) and ":" not in k[n:]]
+  return {k[n:]: trajectories[k] for k in keep}, {k[n:]: finals[k] for k in keep}
 
 
 # Bounds for float64 runs (tests/helpers/device_trajectory.py says why float64). Device
@@ -259,15 +267,18 @@ def _departures(trajectories, finals):
                 > LOSS_RTOL or np.abs(finals[n] - finals["1"]).max() > PARAM_BOUND)
 
 
-def test_same_trajectory_on_1_2_3_4_and_8_devices_and_resumed_on_another_count(tmp_path):
-  trajectories, finals = _device_trajectories(tmp_path)
+@pytest.mark.slow
+@pytest.mark.xdist_group("device_trajectories")   # one worker: the helper runs once
+def test_same_trajectory_on_1_2_3_4_and_8_devices_and_resumed_on_another_count(device_trajectories):
+  trajectories, finals = _runs(*device_trajectories, "")
   assert set(trajectories) == {"1", "2", "3", "4", "8", "4->1", "1->8", "8->3", "2->4"}
   assert _departures(trajectories, finals) == []
 
 
 @pytest.mark.slow
-def test_the_device_equivalence_bound_catches_a_padding_row_counted_as_real(tmp_path):
-  trajectories, finals = _device_trajectories(tmp_path, "--broken-padding")
+@pytest.mark.xdist_group("device_trajectories")
+def test_the_device_equivalence_bound_catches_a_padding_row_counted_as_real(device_trajectories):
+  trajectories, finals = _runs(*device_trajectories, "broken:")
   # 15 rows pad to 16 on 2, 4 and 8 devices (not on 3); each resume touches one of them.
   assert _departures(trajectories, finals) == ["1->8", "2", "2->4", "4", "4->1", "8", "8->3"]
 

@@ -111,6 +111,24 @@ def run(tool: str, *args, **kwargs) -> subprocess.CompletedProcess:
   return finish(start(tool, *args, **kwargs), timeout)
 
 
+FORKED_TOOLS = os.path.join(ROOT, "tests", "reliability", "forked_tools.py")
+
+
+def run_forked(cases, folder, timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
+  """[(tool, args), ...] run as separate processes forked from one that imported the tools
+  once (forked_tools.py): exit status, stdout and stderr of each, as `run` gives them."""
+  cases_path, results_path = os.path.join(folder, "cases.json"), os.path.join(folder, "results.json")
+  with open(cases_path, "w") as f:
+    json.dump([[tool, [str(a) for a in args]] for tool, args in cases], f)
+  done = finish(subprocess.Popen([sys.executable, FORKED_TOOLS, cases_path, results_path],
+                                 cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True), timeout)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(results_path) as f:
+    return [subprocess.CompletedProcess([tool, *args], *result)
+            for (tool, args), result in zip(cases, json.load(f))]
+
+
 def kill(proc: subprocess.Popen, signum=signal.SIGKILL) -> subprocess.CompletedProcess:
   proc.send_signal(signum)
   return finish(proc)

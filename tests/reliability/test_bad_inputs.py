@@ -1,10 +1,13 @@
 """Bad inputs to train.py (config and flags), eval.py, predict.py and the data preparer.
 
-Every case starts the real tool and must end with exit status 2, exactly one stderr line
-`error: ...` naming the file or the config key, and no traceback. Cases fail before any
+Every case runs the tool's `main` in a process of its own and must end with exit status
+2, exactly one stderr line `error: ...` naming the file or the config key, and no
+traceback. The processes are forked, two at a time, from one that imported the tools
+once (forked_tools.py: the imports are most of a bad-input run's seconds); the other
+fault tests start `train.py` and the rest from the command line. Cases fail before any
 model work where the tool can tell (flags, config, paths); the rest load the tiny
-reference run's checkpoint. The tools' processes run two at a time in one module
-fixture, each test then reads its outcome.
+reference run's checkpoint. One module fixture runs them all; each test reads its
+outcome.
 
 Not repeated here: the 23 bad data roots of `tests/test_check.py` (through
 `munet_jax.data.check`), and the in-process eval.py / predict.py cases of
@@ -12,7 +15,6 @@ Not repeated here: the 23 bad data roots of `tests/test_check.py` (through
 `test_damaged_checkpoint.py`, a broken volume in training data in `test_skip_bad.py`.
 """
 
-import concurrent.futures
 import gzip
 import json
 import os
@@ -261,13 +263,10 @@ def outcomes(tmp_path_factory, data_root, tiny_config, reference_run):
     _bad_files(t, data_root, reference_run[0])
     fill = dict(t=str(t), run=reference_run[0], data=data_root, config=tiny_config)
 
-    def run(case):
-      what, tool, args, needles = case
-      result = harness.run(tool, *[a.format(**fill) for a in args], timeout=120)
-      return what, [result.returncode, result.stderr, [n.format(**fill) for n in needles]]
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      done = dict(pool.map(run, CASES))
+    runs = harness.run_forked([(tool, [a.format(**fill) for a in args])
+                               for _, tool, args, _ in CASES], str(t))
+    done = {what: [r.returncode, r.stderr, [n.format(**fill) for n in needles]]
+            for (what, _, _, needles), r in zip(CASES, runs)}
     (t / "outcomes.json").write_text(json.dumps(done))
 
   t = harness.shared(tmp_path_factory, "bad-inputs", make)
