@@ -19,6 +19,8 @@ from typing import Sequence
 
 from munet_jax.cli import Parser, entry_point, run
 from munet_jax.errors import UserError
+from munet_jax.export import export
+from munet_jax.runtime import configure_jax, configure_logging
 
 
 def parse_args(argv: Sequence[str], prog: str):
@@ -42,8 +44,6 @@ def parse_args(argv: Sequence[str], prog: str):
 
 def main(argv: Sequence[str], prog: str = "python -m munet_jax.export") -> int:
   args = parse_args(argv, prog)
-  from munet_jax.export import export
-  from munet_jax.runtime import configure_jax, configure_logging
   configure_logging()
   configure_jax()
   info = export(args.workdir, args.out, which=args.which, format=args.format,
