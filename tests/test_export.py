@@ -138,8 +138,11 @@ def run(tmp_path_factory):
   return base, workdir, config, variables
 
 
-def _ras_logits(run):
-  """The reference logits of the CT, (X, Y, Z, classes) in RAS, and their tolerance."""
+@pytest.fixture(scope="module")
+def reference(run):
+  """The CT's slices in RAS, (Z, X, Y, 1) preprocessed, their logits by `munet_jax.apply`
+  and the logits' tolerance; the exported ONNX file's logits checked against them (on
+  another batch and slice size than the other tests')."""
   base, _, config, variables = run
   image = nifti.read_image(str(base / "ct.nii.gz"))
   hu = nifti.to_ras(image.data, image.affine)
@@ -147,10 +150,9 @@ def _ras_logits(run):
   fn = lambda x: munet_jax.apply(variables, x, config)   # noqa: E731
   logits, sd = spread(fn, images, input_error=PREPROCESSING_ERROR)
   tol = tolerance(sd, logits)
-  # The exported file itself, on another batch and slice size than the other tests'.
   got = _session(onnx.load(str(base / "m.onnx"))).run(None, {"images": images})[0]
   assert np.all(np.abs(got - logits) <= tol), f"max abs difference {np.abs(got - logits).max()}"
-  return np.moveaxis(logits, 0, 2), np.moveaxis(tol, 0, 2), image.affine
+  return images, logits, tol, image.affine
 
 
 def _clear(logits, tol):
@@ -175,7 +177,7 @@ def test_the_onnx_file_holds_what_predict_needs(run):
       "largest_liver_component": False, "tumour_inside_liver": False}
 
 
-def test_predict_onnx_gives_the_labels_of_predict_workdir(run, capsys):
+def test_predict_onnx_gives_the_labels_of_predict_workdir(run, reference, capsys):
   base, workdir, _, _ = run
   ct = base / "ct.nii.gz"
   status, _, err = _cli(predict_cli, capsys, "--workdir", workdir, "--input", ct,
@@ -188,8 +190,9 @@ def test_predict_onnx_gives_the_labels_of_predict_workdir(run, capsys):
   jax_labels = nib.load(base / "jax.nii.gz")
   onnx_labels = nib.load(base / "onnx.nii.gz")
   np.testing.assert_array_equal(onnx_labels.affine, jax_labels.affine)
-  logits, tol, affine = _ras_logits(run)
-  clear = nifti.from_ras(_clear(logits, tol), affine)
+  _, logits, tol, affine = reference
+  ras = _clear(np.moveaxis(logits, 0, 2), np.moveaxis(tol, 0, 2))   # (X, Y, Z) in RAS
+  clear = nifti.from_ras(ras, affine)
   a, b = np.asarray(jax_labels.dataobj), np.asarray(onnx_labels.dataobj)
   assert clear.mean() > 0.95 and len(np.unique(a)) == 3
   np.testing.assert_array_equal(a[clear], b[clear])
@@ -233,18 +236,15 @@ def test_predict_onnx_imports_no_jax(run, tmp_path):
   assert (tmp_path / "l.nii.gz").exists()
 
 
-def test_the_jax_export_is_apply_with_any_batch(run):
-  base, _, config, variables = run
+def test_the_jax_export_is_apply_with_any_batch(run, reference):
+  base = run[0]
+  images, logits, tol, _ = reference
   exported = jax.export.deserialize(bytearray((base / "m.jaxexport").read_bytes()))
-  fn = lambda x: munet_jax.apply(variables, x, config)   # noqa: E731
-  x = _images((3, 37, 37, 1))
-  logits, sd = spread(fn, x)
-  tol = tolerance(sd, logits)
   # A slice's logits do not depend on the rest of its batch (batch norm uses the running
   # statistics), and the tolerance holds for any order of the sums.
-  for batch in (x[:1], x):
-    got = np.asarray(exported.call(batch))
-    assert np.all(np.abs(got - logits[:len(batch)]) <= tol[:len(batch)])
+  for n in (1, len(images)):
+    got = np.asarray(exported.call(images[:n]))
+    assert np.all(np.abs(got - logits[:n]) <= tol[:n])
 
 
 def _other_onnx(path, inputs=(("x", [1, 4]),), outputs=(("y", [1, 4]),), props=None):

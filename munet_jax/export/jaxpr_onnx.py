@@ -207,9 +207,6 @@ class _Translation:
   def _squeeze(self, eqn, x):
     return self.g.node("Squeeze", [self.onnx(x), self.ints(eqn.params["dimensions"])])
 
-  def _expand_dims(self, eqn, x):
-    return self.g.node("Unsqueeze", [self.onnx(x), self.ints(eqn.params["dimensions"])])
-
   def _broadcast_in_dim(self, eqn, x):
     shape, kept = eqn.params["shape"], eqn.params["broadcast_dimensions"]
     x = self.onnx(x)
