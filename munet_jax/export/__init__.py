@@ -22,6 +22,7 @@ Needs the `onnx` extra (`pip install "munet-jax[onnx]"`) for the ONNX format onl
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 
@@ -187,11 +188,9 @@ def export(workdir: str, out: str, which: str = "latest", format: str = "onnx",
     raise UserError(f"{out}: --out is a folder; name the file to write")
   config, variables, step, postprocessing = _read_run(workdir, which)
   if format == "onnx":
-    try:
-      import onnx  # noqa: F401  (the one line below instead of a traceback)
-    except ImportError as e:
+    if importlib.util.find_spec("onnx") is None:
       raise UserError("the ONNX export needs the onnx package: pip install "
-                      "\"munet-jax[onnx]\"") from e
+                      "\"munet-jax[onnx]\"")
     proto = onnx_model(variables, config, metadata(config, postprocessing, step))
     blob = proto.SerializeToString()
     size = ("N", "H", "W")

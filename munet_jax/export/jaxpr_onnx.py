@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-import jax
 import numpy as np
 import onnx
 from jax.extend import core
