@@ -1,6 +1,6 @@
-"""predict.py wall time per volume: NIfTI, DICOM, DICOM-SEG, --tta and an ensemble of 3.
+"""predict.py wall time per volume: NIfTI, DICOM, DICOM-SEG, --tta, an ensemble of 3, ONNX.
 
-  python bench/predict_speed.py [--demo-workdir W] [--skip-table-one]
+  python bench/predict_speed.py [--demo-workdir W] [--skip-table-one] [--modes M1,M2]
 
 Two models, side by side in one process: the demo's (configs/demo.py; a trained run when
 --demo-workdir is given, else untrained weights) and Table I's (configs/lits.py, widths
@@ -9,7 +9,11 @@ real CT of ../shared/data/real_ct (122 x 101 x 30, 3 mm), read as its NIfTI file
 DICOM series written from it. Each mode runs predict.py's `main` twice: "first" includes
 reading the checkpoint and compiling for this slice shape, "again" finds the program
 compiled (a second volume of a folder pays only this). The ensemble is one run given three
-times (--workdir W W W): three models' work, for timing only.
+times (--workdir W W W): three models' work, for timing only. "onnxruntime" is
+`predict.py --onnx` on the model exported from the same checkpoint (`python -m
+munet_jax.export`, timed on its own), and the largest difference between its logits and
+`munet_jax.apply`'s on the CT's slices is printed. --modes keeps only the rows named,
+separated by semicolons (e.g. --modes "NIfTI;NIfTI, onnxruntime").
 """
 
 from __future__ import annotations
@@ -54,10 +58,41 @@ def _dicom_series(folder: str) -> str:
   return folder
 
 
+def _export_and_compare(workdir: str) -> str:
+  """Exports WORKDIR.onnx; returns a line with the export time and the logits' difference."""
+  import jax
+  import nibabel as nib
+  import numpy as np
+  import munet_jax
+  from munet_jax.cli import export, run
+  from munet_jax.data import nifti
+  from munet_jax.onnx_inference import OnnxModel
+  start = time.perf_counter()
+  if run(export.main, ["--workdir", workdir, "--out", f"{workdir}.onnx"]):
+    raise SystemExit("export failed")
+  seconds = time.perf_counter() - start
+  config, variables = munet_jax.load(workdir)
+  image = nib.load(CT)
+  hu = nifti.to_ras(np.asanyarray(image.dataobj), image.affine)
+  images = munet_jax.preprocess(np.moveaxis(hu, -1, 0).astype(np.float32), config)[..., None]
+  apply = jax.jit(lambda v, x: munet_jax.apply(v, x, config))
+  model = OnnxModel(f"{workdir}.onnx")
+  worst, scale = 0.0, 0.0
+  for start in range(0, len(images), 8):
+    batch = images[start:start + 8]
+    reference = np.asarray(apply(variables, batch))
+    worst = max(worst, float(np.abs(model.logits(batch) - reference).max()))
+    scale = max(scale, float(np.abs(reference).max()))
+  return (f"export {seconds:.1f} s, {os.path.getsize(workdir + '.onnx') / 2**20:.1f} MiB; "
+          f"onnxruntime vs munet_jax.apply on the CT's {len(images)} slices: max abs logit "
+          f"difference {worst:.2e} (max |logit| {scale:.2f})")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--demo-workdir", help="a trained demo run (default: untrained weights)")
   parser.add_argument("--skip-table-one", action="store_true")
+  parser.add_argument("--modes", help="only these rows, by name, separated by ';'")
   args = parser.parse_args()
   from munet_jax.runtime import configure_jax
   configure_jax()
@@ -82,9 +117,20 @@ def main() -> None:
                                                 f"{out}/p.nii.gz", "--save-probabilities"]),
       ("NIfTI, ensemble of 3", lambda w: ["--workdir", w, w, w, "--input", CT, "--output",
                                           f"{out}/e.nii.gz"]),
+      ("NIfTI, onnxruntime", lambda w: ["--onnx", f"{w}.onnx", "--input", CT, "--output",
+                                        f"{out}/o.nii.gz"]),
   ]
-  rows = []
+  if args.modes:
+    wanted = [m.strip() for m in args.modes.split(";") if m.strip()]
+    unknown = set(wanted) - {m for m, _ in modes}
+    if unknown:
+      raise SystemExit(f"--modes: no row named {', '.join(sorted(unknown))}")
+    modes = [(m, a) for m, a in modes if m in wanted]
+  rows, notes = [], []
   for name, workdir in models:
+    if any("onnx" in m for m, _ in modes):
+      notes.append(f"{name}: " + _export_and_compare(workdir))
+      print(notes[-1], flush=True)
     for mode, argv in modes:
       times = []
       for _ in range(2):
@@ -107,6 +153,8 @@ def main() -> None:
   print("| --- | --- | --- | --- |")
   for name, mode, first, again in rows:
     print(f"| {name} | {mode} | {first:.2f} | {again:.2f} |")
+  for note in notes:
+    print(note)
 
 
 if __name__ == "__main__":
