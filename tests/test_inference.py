@@ -108,7 +108,8 @@ s = inference.VolumeSegmenter(v, c)
 assert s.batch_size == 6
 np.save({str(tmp_path / 'three.npy')!r}, s(hu))
 """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                   "--xla_force_host_platform_device_count=3")
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]

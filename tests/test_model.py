@@ -287,8 +287,9 @@ def test_reformulated_munet_has_the_same_parameters_and_computes_the_same_functi
       logits = state["intermediates"]["output"]["__call__"][0]
       return jnp.mean((jax.nn.softmax(logits) - jax.nn.one_hot(labels, 3)) ** 2), logits
 
-    (_, out_fast), g_fast = jax.value_and_grad(lambda p: loss(fast, p), has_aux=True)(v64["params"])
-    (_, out_plain), g_plain = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(
+    (_, out_fast), g_fast = jax.jit(jax.value_and_grad(lambda p: loss(fast, p), has_aux=True))(
+        v64["params"])
+    (_, out_plain), g_plain = jax.jit(jax.value_and_grad(lambda p: loss(plain, p), has_aux=True))(
         v64["params"])
     assert out_fast.dtype == jnp.float64
     np.testing.assert_allclose(out_fast, out_plain, rtol=0, atol=1e-9 * float(jnp.abs(out_plain).max()))

@@ -235,7 +235,8 @@ def device_trajectories(tmp_path_factory):
   """({run: losses}, {run: final weights}) of tests/helpers/device_trajectory.py: sound
   runs under "n" / "a->b", runs with padding counted as real under "broken:..."."""
   out = tmp_path_factory.mktemp("devices") / "finals.npz"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                   "--xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "helpers",
                                                       "device_trajectory.py"), str(out)],
                         env=env, capture_output=True, text=True, timeout=600)

@@ -27,7 +27,7 @@ CASES = [("1", 8), ("4", 1), ("2 processes", 1)]
 
 
 def _devices(n) -> dict:
-  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+  return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"}
 
 
 def _free_port() -> int:
