@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 16
   c.eval.largest_liver_component = False                   # post-processing, off as in paper
   c.eval.tumour_inside_liver = False
+  c.eval.min_tumour_voxels = 0                             # tumour components below this -> liver
   c.eval.tta = False                                       # mean softmax over in-plane mirrorings
   c.eval.choose_postprocessing = False                     # learn the two above on the val split
   c.eval.small_lesion_mm = 28.0                            # 28 x 28 mm^2 small-object bound
@@ -233,6 +234,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   need(c.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+  need(c.eval.min_tumour_voxels >= 0, "eval.min_tumour_voxels", "must be >= 0")
   need(0 < c.eval.small_lesion_mm < math.inf, "eval.small_lesion_mm", "must be positive and finite")
   need(0 <= c.eval.nsd_tolerance_mm < math.inf, "eval.nsd_tolerance_mm",
        "must be non-negative and finite")

@@ -319,8 +319,8 @@ def evaluate(variables: dict, config, volumes, *, workdir: str, step: int, which
   and "skipped" (the cases left out as bad, with the reasons) when there are any: those
   of the source, and `skipped` ((case, reason) pairs: the trainer's other bad cases).
   `source_extra` adds entries (an ensemble's runs). `variables` may be a list (an
-  ensemble, `VolumeSegmenter`). `postprocessing` is the clean-up to apply ({step: bool},
-  a run's chosen one, `munet_jax.postprocessing.load_choice`); the config's flags when
+  ensemble, `VolumeSegmenter`). `postprocessing` is the clean-up to apply ({step: value},
+  a run's chosen one, `munet_jax.postprocessing.load_choice`); the config's values when
   None. The source records it ("postprocessing").
 
   A split whose every case was left out as bad is a `UserError`, unless `allow_empty`

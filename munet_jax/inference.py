@@ -115,8 +115,8 @@ class VolumeSegmenter:
     batch_size: slices per batch; `eval.batch_size` when None. Rounded up to a multiple
       of the local device count.
     devices: devices to shard batches over; this process's devices when None.
-    postprocessing: the post-processing steps to apply ({step: bool}, e.g. a run's
-      `munet_jax.postprocessing.load_choice`); the config's `eval.*` flags when None.
+    postprocessing: the post-processing steps to apply ({step: value}, e.g. a run's
+      `munet_jax.postprocessing.load_choice`); the config's `eval.*` values when None.
   """
 
   def __init__(self, variables: dict | Sequence[dict], config: ml_collections.ConfigDict,
@@ -124,8 +124,8 @@ class VolumeSegmenter:
                postprocessing: dict | None = None):
     devices = tuple(devices if devices is not None else jax.local_devices())
     self.config = config
-    self.postprocessing = (postprocessing if postprocessing is not None
-                           else pp.from_config(config))
+    self.postprocessing = pp.normalise(postprocessing if postprocessing is not None
+                                       else pp.from_config(config))
     self._models = 1 if isinstance(variables, Mapping) else len(variables)
     if self._models == 0:
       raise ValueError("an ensemble needs at least one set of variables")
@@ -197,7 +197,7 @@ class VolumeSegmenter:
 
 def postprocess(labels: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
   """The clean-up the config fixes (`eval.largest_liver_component`, `eval.tumour_inside_liver`,
-  off by default, as in the paper); see `munet_jax.postprocessing`."""
+  `eval.min_tumour_voxels`, off by default, as in the paper); see `munet_jax.postprocessing`."""
   return pp.apply(labels, pp.from_config(config))
 
 

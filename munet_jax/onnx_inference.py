@@ -79,8 +79,7 @@ class OnnxModel:
       config.data.hu_window = tuple(json.loads(props["munet_jax.hu_window"]))
       config.data.scaled_range = tuple(json.loads(props["munet_jax.scaled_range"]))
       self.preprocessing = config
-      self.postprocessing = {s: bool(v) for s, v in
-                             json.loads(props["munet_jax.postprocessing"]).items()}
+      self.postprocessing = pp.normalise(json.loads(props["munet_jax.postprocessing"]))
       self.batch_size = int(props["munet_jax.eval_batch_size"])
       self.tta = bool(json.loads(props["munet_jax.eval_tta"]))
     except (KeyError, ValueError, TypeError) as e:

@@ -1,4 +1,4 @@
-"""munet_jax.postprocessing: the two clean-up steps, choosing them on validation volumes."""
+"""munet_jax.postprocessing: the clean-up steps, choosing them on validation volumes."""
 
 import json
 
@@ -47,7 +47,8 @@ def test_choose_keeps_steps_that_help_and_drops_those_that_hurt():
   ref[18:20, 18:20] = 0
   ref[15:17, 2:4] = 0                       # the reference has neither stray object
   decision = postprocessing.choose([_volume()], [ref])
-  assert decision["choice"] == {"largest_liver_component": True, "tumour_inside_liver": False}
+  assert decision["choice"] == {"largest_liver_component": True, "tumour_inside_liver": False,
+                                "min_tumour_voxels": 0}
   # Once the largest component is kept, the stray tumour is already gone: no gain left.
   first, second = decision["trials"]
   assert first["kept"] and first["with"]["liver_dice"] > first["without"]["liver_dice"]
@@ -58,7 +59,8 @@ def test_choose_keeps_steps_that_help_and_drops_those_that_hurt():
   ref = _volume()
   ref[15:17, 2:4] = 0
   decision = postprocessing.choose([_volume()], [ref])
-  assert decision["choice"] == {"largest_liver_component": False, "tumour_inside_liver": True}
+  assert decision["choice"] == {"largest_liver_component": False, "tumour_inside_liver": True,
+                                "min_tumour_voxels": 0}
   # Liver Dice without the step is exact: |pred liver+tumour| = 416, |ref| = 408, all of
   # ref inside pred; with it the stray tumour (8 voxels) goes and the two agree.
   trial = decision["trials"][1]
@@ -77,6 +79,66 @@ def test_choice_is_saved_and_loaded(tmp_path):
     f.write('{"choice": {"largest_liver_component": 1}}')
   with pytest.raises(UserError, match="postprocessing.json"):
     postprocessing.load_choice(str(tmp_path))
+  # A choice written before the size step existed: the size step is off.
+  with open(path, "w") as f:
+    f.write('{"choice": {"largest_liver_component": true, "tumour_inside_liver": false}}')
+  assert postprocessing.load_choice(str(tmp_path)) == {
+      "largest_liver_component": True, "tumour_inside_liver": False, "min_tumour_voxels": 0}
+  for bad in ("-1", "2.5", "true", '"8"'):
+    with open(path, "w") as f:
+      f.write('{"choice": {"largest_liver_component": true, "tumour_inside_liver": false, '
+              f'"min_tumour_voxels": {bad}}}}}')
+    with pytest.raises(UserError, match="min_tumour_voxels"):
+      postprocessing.load_choice(str(tmp_path))
+
+
+def _with_specks():
+  """A liver with a 27-voxel tumour, and three tumour specks of 1, 2 and 3 voxels."""
+  labels = np.zeros((24, 24, 8), np.uint8)
+  labels[2:20, 2:20, 1:7] = 1
+  labels[4:7, 4:7, 2:5] = 2              # the real lesion, 27 voxels
+  labels[12, 12, 3] = 2                  # 1 voxel
+  labels[15, 15:17, 3] = 2               # 2 voxels
+  labels[9, 16:19, 5] = 2                # 3 voxels
+  return labels
+
+
+def test_min_size_turns_small_tumour_components_into_liver():
+  labels = _with_specks()
+  out = postprocessing.apply(labels, {"min_tumour_voxels": 3})
+  assert out[12, 12, 3] == 1 and (out[15, 15:17, 3] == 1).all()   # below 3: liver now
+  assert (out[9, 16:19, 5] == 2).all() and (out[4:7, 4:7, 2:5] == 2).all()
+  assert ((out > 0) == (labels > 0)).all()                         # the liver mask stays
+  assert postprocessing.apply(labels, {"min_tumour_voxels": 0}) is labels
+  assert (postprocessing.apply(labels, {"min_tumour_voxels": 28}) != 2).all()
+  assert (labels == _with_specks()).all()
+
+
+def test_the_min_size_is_chosen_by_lesion_f1_on_the_validation_volumes():
+  ref = _with_specks()
+  ref[ref == 2] = 1
+  ref[4:7, 4:7, 2:5] = 2                 # only the real lesion is tumour
+  decision = postprocessing.choose([_with_specks()], [ref])
+  # 0: 1 of 4 predicted lesions correct; 2: 1 of 3; 4 drops all three specks, the
+  # lesion stays (F1 1); 8, 16 score the same and the smaller size wins; 32 drops it.
+  by_size = {t["min_tumour_voxels"]: t for t in decision["min_tumour_trials"]}
+  assert sorted(by_size) == [0, 2, 4, 8, 16, 32]
+  assert by_size[0]["lesion_precision"] == 0.25 and by_size[0]["lesion_recall"] == 1.0
+  assert by_size[2]["predicted_lesions"] == 3
+  assert by_size[4]["lesion_f1"] == 1.0 and by_size[32]["lesion_f1"] == 0.0
+  assert decision["choice"]["min_tumour_voxels"] == 4
+  # Specks that are real lesions of the validation volumes keep the size at 0.
+  decision = postprocessing.choose([_with_specks()], [_with_specks()])
+  assert decision["choice"]["min_tumour_voxels"] == 0
+
+
+def test_a_config_can_fix_the_min_size():
+  from conftest import make_tiny_config
+  from munet_jax.inference import postprocess
+  c = make_tiny_config()
+  c.eval.min_tumour_voxels = 4
+  assert (postprocess(_with_specks(), c)
+          == postprocessing.apply(_with_specks(), {"min_tumour_voxels": 4})).all()
 
 
 def test_eval_and_predict_apply_the_runs_choice(tmp_path, monkeypatch):
@@ -93,7 +155,8 @@ def test_eval_and_predict_apply_the_runs_choice(tmp_path, monkeypatch):
   real_apply = postprocessing.apply
   monkeypatch.setattr(postprocessing, "apply",
                       lambda labels, choice: seen.append(dict(choice)) or real_apply(labels, choice))
-  chosen = {"largest_liver_component": False, "tumour_inside_liver": True}
+  chosen = {"largest_liver_component": False, "tumour_inside_liver": True,
+            "min_tumour_voxels": 3}
   postprocessing.save_choice(str(workdir), {"choice": chosen})
   document, _ = evaluation.evaluate_run(str(workdir), progress=False)
   assert document["source"]["postprocessing"] == chosen

@@ -58,7 +58,7 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(key.encode()).hexdigest()
 
 
-def metadata(config: ml_collections.ConfigDict, postprocessing: dict[str, bool],
+def metadata(config: ml_collections.ConfigDict, postprocessing: dict,
              step: int | None = None) -> dict[str, str]:
   """The ONNX metadata_props of an export of `config`'s run (`munet_jax.onnx_inference`)."""
   values = {
@@ -70,8 +70,7 @@ def metadata(config: ml_collections.ConfigDict, postprocessing: dict[str, bool],
       "munet_jax.hu_window": json.dumps([float(v) for v in config.data.hu_window]),
       "munet_jax.scaled_range": json.dumps([float(v) for v in config.data.scaled_range]),
       "munet_jax.pooling_factor": str(pooling_factor(len(config.model.features))),
-      "munet_jax.postprocessing": json.dumps({s: bool(postprocessing.get(s, False))
-                                              for s in pp.STEPS}),
+      "munet_jax.postprocessing": json.dumps(pp.normalise(postprocessing)),
       "munet_jax.eval_batch_size": str(config.eval.batch_size),
       "munet_jax.eval_tta": json.dumps(bool(config.eval.tta)),
       "munet_jax.config_sha256": config_hash(config),

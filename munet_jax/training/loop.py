@@ -247,7 +247,10 @@ def choose_postprocessing(variables, config, slice_store, names, workdir) -> dic
     refs.append(np.asarray(case.labels))
   decision = pp.choose(preds, refs)
   pp.save_choice(workdir, decision)
-  kept = [s for s, on in decision["choice"].items() if on]
+  choice = decision["choice"]
+  kept = [s for s in pp.STEPS if choice[s]]
+  if choice[pp.MIN_SIZE]:
+    kept.append(f"{pp.MIN_SIZE}={choice[pp.MIN_SIZE]}")
   print(f"post-processing chosen on {len(names)} validation volumes: "
         f"{', '.join(kept) if kept else 'none'}", flush=True)
   return decision["choice"]
