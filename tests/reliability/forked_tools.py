@@ -22,8 +22,7 @@ import threading
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from munet_jax.cli import run  # noqa: E402
-from munet_jax.cli import evaluate, predict, prepare, train  # noqa: E402
-from munet_jax.cli import check  # noqa: E402
+from munet_jax.cli import check, evaluate, predict, prepare, train  # noqa: E402
 
 # tool -> (main, prog): the prog each command line shows in its messages.
 MAINS = {"train": (train.main, "train.py"), "eval": (evaluate.main, "eval.py"),

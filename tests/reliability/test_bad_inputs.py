@@ -30,59 +30,60 @@ import harness
 pytestmark = pytest.mark.slow
 
 # (id, tool, arguments, what the one stderr line must hold). In arguments and needles
-# {t} is the folder of bad files, {run} the reference run, {data} its data root and
-# {config} its config file.
+# {t} is the folder of bad files, {run} the reference run, {data} its data root,
+# {config} its config file and {w} a workdir of the case's own (two cases run at once, and
+# a trainer that gets as far as locking its workdir would refuse the other).
 CASES = [
     # ---- train.py: the config file
-    ("config file missing", "train", ["--config", "{t}/nope.py", "--workdir", "{t}/w"],
+    ("config file missing", "train", ["--config", "{t}/nope.py", "--workdir", "{w}"],
      ["{t}/nope.py", "config file not found"]),
     ("config file with a syntax error", "train",
-     ["--config", "{t}/syntax.py", "--workdir", "{t}/w"], ["{t}/syntax.py", "SyntaxError"]),
+     ["--config", "{t}/syntax.py", "--workdir", "{w}"], ["{t}/syntax.py", "SyntaxError"]),
     ("config file without get_config", "train",
-     ["--config", "{t}/noget.py", "--workdir", "{t}/w"], ["{t}/noget.py", "get_config"]),
-    ("get_config returns None", "train", ["--config", "{t}/none.py", "--workdir", "{t}/w"],
+     ["--config", "{t}/noget.py", "--workdir", "{w}"], ["{t}/noget.py", "get_config"]),
+    ("get_config returns None", "train", ["--config", "{t}/none.py", "--workdir", "{w}"],
      ["{t}/none.py", "ConfigDict", "NoneType"]),
     ("config file imports a missing module", "train",
-     ["--config", "{t}/imports.py", "--workdir", "{t}/w"],
+     ["--config", "{t}/imports.py", "--workdir", "{w}"],
      ["{t}/imports.py", "no_such_module"]),
     ("unknown key in the config file", "train",
-     ["--config", "{t}/unknown.py", "--workdir", "{t}/w"],
+     ["--config", "{t}/unknown.py", "--workdir", "{w}"],
      ["config key 'train.stepz' is unknown"]),
     ("wrong type in the config file", "train",
-     ["--config", "{t}/wrongtype.py", "--workdir", "{t}/w"], ["{t}/wrongtype.py", "steps"]),
+     ["--config", "{t}/wrongtype.py", "--workdir", "{w}"], ["{t}/wrongtype.py", "steps"]),
     ("bad value in the config file", "train",
-     ["--config", "{t}/badvalue.py", "--workdir", "{t}/w"],
+     ["--config", "{t}/badvalue.py", "--workdir", "{w}"],
      ["config key 'model.dropout_rate'", "[0, 1)"]),
     # ---- train.py: overrides and flags
     ("override of an unknown key", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.model.widths=3"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.model.widths=3"],
      ["config key 'model.widths' is unknown"]),
     ("override of an unknown section", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.optim.lr=0.1"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.optim.lr=0.1"],
      ["config key 'optim.lr' is unknown"]),
     ("override of the wrong type", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.train.batch_size=abc"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.train.batch_size=abc"],
      ["config key 'train.batch_size' must be int"]),
     ("override of a bool with a word", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.data.skip_bad=maybe"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.data.skip_bad=maybe"],
      ["config key 'data.skip_bad' must be bool"]),
     ("negative learning rate", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.train.learning_rate=-1"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.train.learning_rate=-1"],
      ["config key 'train.learning_rate' must be positive"]),
     ("unknown loss", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.train.loss=hinge"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.train.loss=hinge"],
      ["config key 'train.loss' must be one of"]),
     ("HU window upside down", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.data.hu_window=(250,-250)"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.data.hu_window=(250,-250)"],
      ["config key 'data.hu_window'"]),
     ("override without a value", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.train.steps"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.train.steps"],
      ["'train.steps'", "KEY=VALUE"]),
-    ("unknown flag", "train", ["--config", "{config}", "--workdir", "{t}/w", "--frobnicate"],
+    ("unknown flag", "train", ["--config", "{config}", "--workdir", "{w}", "--frobnicate"],
      ["train.py", "--frobnicate"]),
     ("no --workdir", "train", ["--config", "{config}"], ["train.py", "--workdir"]),
     ("multi-host flags incomplete", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--num-processes", "2"],
+     ["--config", "{config}", "--workdir", "{w}", "--num-processes", "2"],
      ["--coordinator, --num-processes and --process-id"]),
     ("--workdir is a file", "train", ["--config", "{config}", "--workdir", "{t}/afile"],
      ["{t}/afile", "must be a folder"]),
@@ -90,22 +91,22 @@ CASES = [
      ["--config", "{config}", "--workdir", "{t}/afile/run"], ["{t}/afile/run", "cannot create"]),
     # ---- train.py: the data the config points at
     ("data folder missing", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.data.root={t}/nodata",
+     ["--config", "{config}", "--workdir", "{w}", "--config.data.root={t}/nodata",
       "--config.data.synthetic.cases=0"], ["{t}/nodata", "data folder not found"]),
     ("data folder empty", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.data.root={t}/empty",
+     ["--config", "{config}", "--workdir", "{w}", "--config.data.root={t}/empty",
       "--config.data.synthetic.cases=0"], ["{t}/empty", "no CT volumes found"]),
     ("split asks for more cases than there are", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.data.num_train=10"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.data.num_train=10"],
      ["data.num_train/num_val/num_test", "{data}"]),
     ("split names a case not in the data", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.data.train_cases=('volume-9',)"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.data.train_cases=('volume-9',)"],
      ["config key 'data.train_cases'", "volume-9"]),
     ("split leaves no training case", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.data.num_train=0"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.data.num_train=0"],
      ["{data}", "no training case"]),
     ("label value 3 in the training data", "train",
-     ["--config", "{config}", "--workdir", "{t}/w", "--config.data.root={t}/badlabels"],
+     ["--config", "{config}", "--workdir", "{w}", "--config.data.root={t}/badlabels"],
      ["{t}/badlabels/segmentation-2.nii.gz", "label values must be 0, 1 or 2"]),
     ("resume with another model's config", "train",
      ["--config", "{config}", "--workdir", "{t}/resume", "--config.model.features=(8,16)"],
@@ -263,10 +264,11 @@ def outcomes(tmp_path_factory, data_root, tiny_config, reference_run):
     _bad_files(t, data_root, reference_run[0])
     fill = dict(t=str(t), run=reference_run[0], data=data_root, config=tiny_config)
 
-    runs = harness.run_forked([(tool, [a.format(**fill) for a in args])
-                               for _, tool, args, _ in CASES], str(t))
-    done = {what: [r.returncode, r.stderr, [n.format(**fill) for n in needles]]
-            for (what, _, _, needles), r in zip(CASES, runs)}
+    fills = [dict(fill, w=str(t / "w" / str(i))) for i in range(len(CASES))]
+    runs = harness.run_forked([(tool, [a.format(**f) for a in args])
+                               for (_, tool, args, _), f in zip(CASES, fills)], str(t))
+    done = {what: [r.returncode, r.stderr, [n.format(**f) for n in needles]]
+            for (what, _, _, needles), r, f in zip(CASES, runs, fills)}
     (t / "outcomes.json").write_text(json.dumps(done))
 
   t = harness.shared(tmp_path_factory, "bad-inputs", make)
@@ -284,4 +286,4 @@ def test_bad_input_is_exit_2_one_line_naming_it_no_traceback(outcomes, what):
   harness.assert_one_error_line(subprocess.CompletedProcess([], returncode, "", stderr),
                                 *needles)
   assert not (t / "o.json").exists() and not (t / "o.nii.gz").exists()
-  assert not (t / "out").exists() and not (t / "w" / "checkpoints").exists()
+  assert not (t / "out").exists() and not list(t.glob("w/*/checkpoints"))
