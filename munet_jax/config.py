@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.slices = 24
   c.data.synthetic.crop = 0                                # >0: keep a liver-region window
   c.data.synthetic.tumour_rate = 2.5                       # lesions per case: 1 + Poisson(rate)
+  c.data.synthetic.voxel_noise = False                     # noise scaled with the voxel volume
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.enabled = False                           # off, as in the paper
   c.data.augment.flip = True

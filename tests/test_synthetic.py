@@ -153,3 +153,29 @@ def test_the_tumour_rate_sets_the_lesion_count():
   # Same cases, same draws but the Poisson count: far more lesions at rate 10 than 1.
   few, many = lesions(1.0), lesions(10.0)
   assert many > 3 * few > 0
+
+
+def test_voxel_noise_scales_the_noise_with_the_voxel_volume():
+  # The scanner table is painted as one constant, -300 HU, over whole rows (every x and z)
+  # before the noise is added, so its voxels hold -300 + sigma z, rounded. Both cases come
+  # from one seed and draw the same z, so the table's standard deviation must scale by
+  # exactly k = sqrt(0.75 x 0.75 x 5 mm^3 / voxel volume), up to the rounding: each voxel
+  # moves by at most 0.5 HU, so (Minkowski) each standard deviation by at most 0.5.
+  checked = 0
+  for i in range(6):
+    plain, _, affine = synthetic.make_case(np.random.default_rng([3, i]), 192, 16)
+    scaled, _, affine2 = synthetic.make_case(np.random.default_rng([3, i]), 192, 16,
+                                             voxel_noise=True)
+    assert (affine == affine2).all()
+    rows = [j for j in range(plain.shape[1])
+            if ((plain[:, j] > -450) & (plain[:, j] < -150)).all()]
+    if not rows:
+      continue                        # the table lies outside this case's field of view
+    voxel = np.prod(np.linalg.norm(affine[:3, :3], axis=0))
+    k = np.sqrt(0.75 * 0.75 * 5.0 / voxel)
+    s_plain = plain[:, rows].astype(np.float64).std()
+    s_scaled = scaled[:, rows].astype(np.float64).std()
+    assert s_plain > 9.0              # noise of 10-25 HU, not a flat table
+    assert k * (s_plain - 0.5) - 0.5 <= s_scaled <= k * (s_plain + 0.5) + 0.5, (i, k)
+    checked += 1
+  assert checked >= 3

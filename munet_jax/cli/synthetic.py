@@ -24,10 +24,13 @@ def main(argv: Sequence[str], prog: str = "munet-synthetic") -> int:
                       help="keep a CROP x CROP liver-region window (default 0: the whole slice)")
   parser.add_argument("--tumour-rate", type=float, default=2.5,
                       help="lesions per case with tumour: 1 + Poisson(RATE) (default 2.5)")
+  parser.add_argument("--voxel-noise", action="store_true",
+                      help="scale the noise with the voxel volume (levels given for a "
+                           "0.75 x 0.75 x 5 mm voxel)")
   args = parser.parse_args(argv)
   paths = write_dataset(args.out, args.cases, args.size, args.seed, args.slices,
                         progress=sys.stderr.isatty(), crop=args.crop,
-                        tumour_rate=args.tumour_rate)
+                        tumour_rate=args.tumour_rate, voxel_noise=args.voxel_noise)
   print(f"{args.out}: wrote {len(paths)} synthetic cases ({args.size}x{args.size}, "
         f"seed {args.seed})")
   return 0

@@ -15,8 +15,9 @@ a plausible physical size whatever the array size:
   excluded from the liver label); and 0-10 tumours from a few mm to ~7 cm across, mostly
   hypo-dense (20-50 HU below liver), some hyper-dense, some of low contrast, with rims or
   necrotic cores, some at or bulging past the liver's edge.
-Plain and portal-venous phases, low-contrast cases, Gaussian noise of 10-25 HU,
-partial-volume edges, in-plane spacing 0.6-0.9 mm scaled by 512 / size, and files stored
+Plain and portal-venous phases, low-contrast cases, Gaussian noise of 10-25 HU (with
+`voxel_noise`, at a 0.75 x 0.75 x 5 mm voxel and scaled with the voxel volume), partial-volume
+edges, in-plane spacing 0.6-0.9 mm scaled by 512 / size, and files stored
 in RAS or LPS order with slices running up or down, so readers must use the affine.
 
 Everything comes from `np.random.default_rng([seed, case])`: the same seed writes
@@ -38,6 +39,7 @@ from munet_jax.errors import UserError, WriteError
 from munet_jax.labels import bounding_box
 
 MIN_SIZE = 16  # below this the anatomy is a few voxels
+NOISE_VOXEL_MM3 = 0.75 * 0.75 * 5.0  # the voxel the noise levels are given for (voxel_noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,7 +450,7 @@ def _liver_window(liver: np.ndarray, crop: int) -> tuple[int, int]:
 
 
 def make_case(rng: np.random.Generator, size: int, slices: int | None = None, *,
-              crop: int = 0, tumour_rate: float = 2.5):
+              crop: int = 0, tumour_rate: float = 2.5, voxel_noise: bool = False):
   """Draws one synthetic abdominal CT with its liver / tumour labels.
 
   Args:
@@ -462,6 +464,12 @@ def make_case(rng: np.random.Generator, size: int, slices: int | None = None, *,
       the spacing of `size`); the affine moves with it.
     tumour_rate: lesions per case with tumour are 1 + Poisson(tumour_rate), at most
       4 tumour_rate (the default 2.5 gives 1-10).
+    voxel_noise: False draws the noise's standard deviation (10-20 HU, 15-25 in
+      low-contrast cases) whatever the voxel size. True gives those levels to a
+      0.75 x 0.75 x 5 mm voxel and scales them by sqrt(that volume / the voxel's volume),
+      as a scanner's quantum noise averages down over a larger voxel: a case drawn on a
+      coarse grid then has the noise of a real scan resampled to that grid rather than
+      that of a thin-slice, fine-pixel one. The random draws are the same either way.
 
   Returns:
     hu: (S, S, Z) int16 Hounsfield units, in file order; S = crop or size.
@@ -493,6 +501,8 @@ def make_case(rng: np.random.Generator, size: int, slices: int | None = None, *,
   _gallbladder(rng, grid, hu, body, liver, tumour)
 
   sigma = rng.uniform(15, 25) if low_contrast else rng.uniform(10, 20)
+  if voxel_noise:
+    sigma *= np.sqrt(NOISE_VOXEL_MM3 / (in_plane * in_plane * thickness))
   hu += np.float32(sigma) * rng.standard_normal(grid.shape, dtype=np.float32)
   hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
   labels = liver.astype(np.uint8)
@@ -509,8 +519,8 @@ def make_case(rng: np.random.Generator, size: int, slices: int | None = None, *,
 
 
 def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None = None,
-                  progress: bool = True, crop: int = 0,
-                  tumour_rate: float = 2.5) -> list[tuple[str, str]]:
+                  progress: bool = True, crop: int = 0, tumour_rate: float = 2.5,
+                  voxel_noise: bool = False) -> list[tuple[str, str]]:
   """Writes `cases` synthetic cases to `out` in the LiTS layout.
 
   Args:
@@ -520,7 +530,8 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
     seed: case i is drawn from `np.random.default_rng([seed, i])`.
     slices: slices per volume, None for 1-5 mm slices (see `make_case`).
     progress: show a tqdm bar over cases.
-    crop, tumour_rate: see `make_case` (a liver-region crop; lesions per case).
+    crop, tumour_rate, voxel_noise: see `make_case` (a liver-region crop; lesions per
+      case; noise scaled with the voxel volume).
 
   Returns:
     (image path, label path) per case. Also writes `out/synthetic.json` with the settings.
@@ -539,14 +550,15 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
   paths = []
   for i in tqdm.trange(cases, desc="synthetic CT", unit="case", disable=not progress):
     hu, labels, affine = make_case(np.random.default_rng([seed, i]), size, slices, crop=crop,
-                                   tumour_rate=tumour_rate)
+                                   tumour_rate=tumour_rate, voxel_noise=voxel_noise)
     image_path = os.path.join(out, f"volume-{i}.nii.gz")
     label_path = os.path.join(out, f"segmentation-{i}.nii.gz")
     nifti.write_image(image_path, hu, affine)
     nifti.write_image(label_path, labels, affine)
     paths.append((image_path, label_path))
   settings = {"generator": "munet_jax.data.synthetic", "cases": cases, "size": size,
-              "slices": slices, "seed": seed, "crop": crop, "tumour_rate": tumour_rate}
+              "slices": slices, "seed": seed, "crop": crop, "tumour_rate": tumour_rate,
+              "voxel_noise": voxel_noise}
   tmp = os.path.join(out, ".synthetic.json.tmp")
   with open(tmp, "w") as f:
     json.dump(settings, f, indent=2)
@@ -556,8 +568,8 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
 
 def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
                              slices: int | None = None, progress: bool = True,
-                             crop: int = 0,
-                             tumour_rate: float = 2.5) -> list[tuple[str, str]]:
+                             crop: int = 0, tumour_rate: float = 2.5,
+                             voxel_noise: bool = False) -> list[tuple[str, str]]:
   """`write_dataset` into a temporary folder beside `out`, renamed onto `out` when whole.
 
   What `train.py` uses when `data.root` holds no cases: a run killed half-way through
@@ -572,7 +584,7 @@ def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
   shutil.rmtree(tmp, ignore_errors=True)   # left by a run killed while writing it
   try:
     paths = write_dataset(tmp, cases, size, seed=seed, slices=slices, progress=progress,
-                          crop=crop, tumour_rate=tumour_rate)
+                          crop=crop, tumour_rate=tumour_rate, voxel_noise=voxel_noise)
   except (OSError, WriteError) as e:
     shutil.rmtree(tmp, ignore_errors=True)
     cause = e.__cause__ if isinstance(e, WriteError) else e

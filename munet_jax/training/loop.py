@@ -77,7 +77,8 @@ def prepare_data(config: ml_collections.ConfigDict):
       synthetic.write_dataset_into_place(
           root, config.data.synthetic.cases, config.data.synthetic.size, seed=config.seed,
           slices=config.data.synthetic.slices, crop=config.data.synthetic.crop,
-          tumour_rate=config.data.synthetic.tumour_rate)
+          tumour_rate=config.data.synthetic.tumour_rate,
+          voxel_noise=config.data.synthetic.voxel_noise)
     sharding.sync_processes("synthetic data")
   split = splits.split_cases(discovery.find_cases(root), config)
   if not split["train"]:
