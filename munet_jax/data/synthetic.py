@@ -16,8 +16,8 @@ a plausible physical size whatever the array size:
   hypo-dense (20-50 HU below liver), some hyper-dense, some of low contrast, with rims or
   necrotic cores, some at or bulging past the liver's edge.
 Plain and portal-venous phases, low-contrast cases, Gaussian noise of 10-25 HU (with
-`voxel_noise`, at a 0.75 x 0.75 x 5 mm voxel and scaled with the voxel volume), partial-volume
-edges, in-plane spacing 0.6-0.9 mm scaled by 512 / size, and files stored
+`voxel_noise`, at a 0.75 x 0.75 x 5 mm voxel and scaled with the voxel volume),
+partial-volume edges, in-plane spacing 0.6-0.9 mm scaled by 512 / size, and files stored
 in RAS or LPS order with slices running up or down, so readers must use the affine.
 
 Everything comes from `np.random.default_rng([seed, case])`: the same seed writes
