@@ -6,19 +6,20 @@ seed, at `data.root`, and trains every network for every seed on the same cases:
 held out (the ablation lists them explicitly, so the split does not move with the seed).
 It also runs on its own (`python train.py --config configs/synthetic_tumours.py`).
 
-Data: as configs/demo.py (volumes drawn at 192x192, 1.6-2.4 mm pixels, 32 slices over
-150-240 mm, stored as a 112x112 window around the liver) but with many lesions per liver
-(`data.synthetic.tumour_rate = 10`: 1 + Poisson(10) in the 85% of cases with tumour), so
-that 40 held-out volumes hold hundreds of small and tens of large lesions (counts in
-bench/RESULTS.md). Lesion sizes are the generator's (`munet_jax.data.synthetic`).
+Data: as configs/demo.py (volumes drawn at 288x288, 1.07-1.6 mm pixels, 48 slices over
+150-240 mm, noise scaled with the voxel volume, stored as a 168x168 window around the
+liver) but with many lesions per liver (`data.synthetic.tumour_rate = 10`: 1 +
+Poisson(10) in the 85% of cases with tumour), so that 40 held-out volumes hold hundreds
+of small and tens of large lesions (counts in bench/RESULTS.md). Lesion sizes are the
+generator's (`munet_jax.data.synthetic`).
 
-Departures from the paper's recipe (configs/lits.py), for a CPU budget of three to four
+Departures from the paper's recipe (configs/lits.py), for a CPU budget of about three
 minutes per network: the liver-region volumes above instead of 512x512 slices; 64x64
-training crops placed around tumour (or liver) voxels; widths 16..128 over four stages
-(three skip connections); soft Dice + cross-entropy instead of MSE; Adam 2e-3 halved at
-a third and two thirds of the run; no dropout; half the training slices drawn from
-tumour slices. The three networks differ only in `model.odu_residual` and
-`model.skip_conv` (set by the ablation).
+training crops placed around tumour (or liver) voxels; widths 8..64 over four stages
+(three skip connections), as the demo; soft Dice + cross-entropy instead of MSE; Adam
+2e-3 halved at a third and two thirds of the run (1,000 steps of batch 8); no dropout;
+half the training slices drawn from tumour slices. The three networks differ only in
+`model.odu_residual` and `model.skip_conv` (set by the ablation).
 """
 
 from munet_jax.config import base_config
@@ -29,9 +30,10 @@ def get_config():
   c.seed = 0
   c.data.root = "data/synthetic_tumours"
   c.data.synthetic.cases = 64
-  c.data.synthetic.size = 192
-  c.data.synthetic.crop = 112
-  c.data.synthetic.slices = 32
+  c.data.synthetic.size = 288
+  c.data.synthetic.crop = 168
+  c.data.synthetic.slices = 48
+  c.data.synthetic.voxel_noise = True
   c.data.synthetic.tumour_rate = 10.0
   c.data.image_size = 64             # training crops; evaluation segments whole slices
   c.data.train_crop = "foreground"
@@ -42,12 +44,12 @@ def get_config():
   c.data.sampling = "tumour_oversample"
   c.data.tumour_oversample = 0.5
   c.data.num_workers = 0
-  c.model.features = (16, 32, 64, 128)
+  c.model.features = (8, 16, 32, 64)
   c.model.dropout_rate = 0.0
   c.train.batch_size = 8
-  c.train.steps = 500
+  c.train.steps = 1000
   c.train.learning_rate = 2e-3
-  c.train.lr_decay_steps = 167
+  c.train.lr_decay_steps = 334
   c.train.lr_decay_rate = 0.5
   c.train.weight_decay = 1e-4
   c.train.loss = "ce_dice"
