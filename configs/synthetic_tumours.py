@@ -18,7 +18,9 @@ minutes per network: the liver-region volumes above instead of 512x512 slices; 6
 training crops placed around tumour (or liver) voxels; widths 8..64 over four stages
 (three skip connections), as the demo; soft Dice + cross-entropy instead of MSE; Adam
 2e-3 halved at a third and two thirds of the run (1,000 steps of batch 8); no dropout;
-half the training slices drawn from tumour slices. The three networks differ only in
+half the training slices drawn from tumour slices; post-processing fixed for every
+network (largest liver component, tumour components of fewer than 8 voxels dropped),
+since there is no validation split to choose it on. The three networks differ only in
 `model.odu_residual` and `model.skip_conv` (set by the ablation).
 """
 
@@ -58,4 +60,6 @@ def get_config():
   c.checkpoint.every_steps = 250
   c.checkpoint.keep = 1
   c.eval.batch_size = 32
+  c.eval.largest_liver_component = True   # fixed, the same for every network: there is
+  c.eval.min_tumour_voxels = 8            # no validation split to choose it on
   return c
