@@ -20,25 +20,31 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+import munet_jax  # noqa: E402
+from munet_jax import postprocessing as pp  # noqa: E402
+from munet_jax.data import nifti  # noqa: E402
+from munet_jax.inference import VolumeSegmenter  # noqa: E402
+from munet_jax.prediction import PROBABILITY_SCALE  # noqa: E402
+
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 SIZES = (0, 8, 32)
 
 
-def components(segment, hu, ref):
-  """Per predicted tumour component: size, mean and largest probability, lesions hit."""
-  from munet_jax import postprocessing as pp
+def components(segment, hu, ref, case):
+  """Per predicted tumour component: size, mean and largest probability, the reference
+  lesions it overlaps (as (case, lesion) pairs); and the number of reference lesions."""
   faces = ndimage.generate_binary_structure(3, 1)
   labels, probs = segment(hu, probabilities=True)
   labels = pp.apply(labels, {"largest_liver_component": True})
-  tumour = probs[..., 2].astype(np.float32) / 255
-  pred, n = ndimage.label(labels == 2, structure=faces)
+  tumour = probs[..., 2].astype(np.float32) / PROBABILITY_SCALE
+  pred, _ = ndimage.label(labels == 2, structure=faces)
   lesions, n_ref = ndimage.label(ref == 2, structure=faces)
   rows = []
   for i, where in enumerate(ndimage.find_objects(pred), start=1):
     mask = pred[where] == i
     rows.append({"size": int(mask.sum()), "mean": float(tumour[where][mask].mean()),
                  "max": float(tumour[where][mask].max()),
-                 "hits": {int(v) for v in np.unique(lesions[where][mask]) if v}})
+                 "hits": {(case, int(v)) for v in np.unique(lesions[where][mask]) if v}})
   return rows, n_ref
 
 
@@ -48,20 +54,15 @@ def main():
   p.add_argument("--data", required=True, help="LiTS-layout folder holding the cases")
   p.add_argument("--cases", nargs="+", required=True, help="volume-N names")
   args = p.parse_args()
-  import munet_jax
-  from munet_jax.data import nifti
-  from munet_jax.inference import VolumeSegmenter
   config, variables = munet_jax.load(args.workdir)
   segmenter = VolumeSegmenter(variables, config, postprocessing={})
-  found_ids, rows, total = [], [], 0
+  rows, total = [], 0
   for case in args.cases:
     number = case.split("-")[-1]
     image = nifti.read_image(os.path.join(args.data, f"volume-{number}.nii.gz"))
     ref = nifti.read_label(os.path.join(args.data, f"segmentation-{number}.nii.gz"),
                            like=image).data
-    case_rows, n_ref = components(segmenter.segment, image.data, ref)
-    for r in case_rows:
-      r["hits"] = {(case, h) for h in r["hits"]}
+    case_rows, n_ref = components(segmenter.segment, image.data, ref, case)
     rows += case_rows
     total += n_ref
   print(f"{len(args.cases)} volumes, {total} reference lesions, {len(rows)} predicted "
