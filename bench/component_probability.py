@@ -1,6 +1,6 @@
 """Can a probability threshold tell true tumour components from false ones?
 
-  python bench/component_probability.py --workdir RUN --data ROOT --cases volume-24 ...
+  python bench/component_probability.py --workdir RUN --data ROOT [--split test | --cases volume-24 ...]
 
 Segments the cases with the run (no post-processing but the largest liver component),
 labels the predicted tumour components (6-connected) and, for thresholds on each
@@ -22,7 +22,8 @@ from scipy import ndimage  # noqa: E402
 
 import munet_jax  # noqa: E402
 from munet_jax import postprocessing as pp  # noqa: E402
-from munet_jax.data import nifti  # noqa: E402
+from munet_jax.data.splits import cases_of_split  # noqa: E402
+from munet_jax.data.volumes import load_case  # noqa: E402
 from munet_jax.inference import VolumeSegmenter  # noqa: E402
 from munet_jax.prediction import PROBABILITY_SCALE  # noqa: E402
 
@@ -52,20 +53,22 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--data", required=True, help="LiTS-layout folder holding the cases")
-  p.add_argument("--cases", nargs="+", required=True, help="volume-N names")
+  p.add_argument("--split", default="test",
+                  help="the run's split to analyse ('all' for every case under --data)")
+  p.add_argument("--cases", nargs="+", help="volume-N names (instead of --split)")
   args = p.parse_args()
   config, variables = munet_jax.load(args.workdir)
   segmenter = VolumeSegmenter(variables, config, postprocessing={})
+  cases = cases_of_split(config, "all" if args.cases else args.split, args.data)
+  if args.cases:
+    cases = [c for c in cases if c.name in set(args.cases)]
   rows, total = [], 0
-  for case in args.cases:
-    number = case.split("-")[-1]
-    image = nifti.read_image(os.path.join(args.data, f"volume-{number}.nii.gz"))
-    ref = nifti.read_label(os.path.join(args.data, f"segmentation-{number}.nii.gz"),
-                           like=image).data
-    case_rows, n_ref = components(segmenter.segment, image.data, ref, case)
+  for case in cases:
+    volume = load_case(case)  # RAS arrays, as evaluation reads them
+    case_rows, n_ref = components(segmenter.segment, volume.hu, volume.labels, case.name)
     rows += case_rows
     total += n_ref
-  print(f"{len(args.cases)} volumes, {total} reference lesions, {len(rows)} predicted "
+  print(f"{len(cases)} volumes, {total} reference lesions, {len(rows)} predicted "
         "tumour components")
   for key in ("mean", "max"):
     for threshold in THRESHOLDS:
