@@ -61,6 +61,9 @@ def main():
   segmenter = VolumeSegmenter(variables, config, postprocessing={})
   cases = cases_of_split(config, "all" if args.cases else args.split, args.data)
   if args.cases:
+    unknown = set(args.cases) - {c.name for c in cases}
+    if unknown:
+      p.error(f"no such case under {args.data}: {', '.join(sorted(unknown))}")
     cases = [c for c in cases if c.name in set(args.cases)]
   rows, total = [], 0
   for case in cases:

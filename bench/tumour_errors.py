@@ -56,14 +56,13 @@ def case_errors(pred, ref, probs, hu, large_voxels):
                             int((fp & ~hit_pred).sum()), int((fn & found_ref).sum()),
                             int((fn & ~found_ref).sum()))))
   rows = []
-  for i, where in enumerate(ndimage.find_objects(rl), start=1):
+  sizes = np.bincount(rl.ravel(), minlength=n_ref + 1)
+  for i in np.flatnonzero(sizes[1:] >= large_voxels) + 1:
     lesion = rl == i
-    size = int(lesion.sum())
-    if size < large_voxels:
-      continue
+    size = int(sizes[i])
     ring = ndimage.binary_dilation(lesion, FACES, iterations=3) & (ref == 1)
     missed = lesion & ~p
-    rows.append({"lesion": i, "voxels": size, "found": float(p[lesion].mean()),
+    rows.append({"lesion": int(i), "voxels": size, "found": float(p[lesion].mean()),
                  "lesion_hu": float(hu[lesion].mean()),
                  "ring_hu": float(hu[ring].mean()) if ring.any() else float("nan"),
                  "missed_probability": float(probs[..., 2][missed].mean() / PROBABILITY_SCALE)
