@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = config_dict.placeholder(str)          # slice store; default root/.munet_cache
   c.data.image_size = 512                                  # slices centre-padded/cropped to this
   c.data.train_crop = "centre"                             # or "foreground": crops around labels
+  c.data.foreground_tumour_share = 1.0                     # tumour slices: share of crops on tumour
   c.data.hu_window = (-250.0, 250.0)                       # clip, section II.E
   c.data.scaled_range = (-1.0, 1.0)                        # the window maps onto this range
   c.data.split = "lits"                                    # preset: 40 train / 5 val / 35 test
@@ -73,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.crop = 0                                # >0: keep a liver-region window
   c.data.synthetic.tumour_rate = 2.5                       # lesions per case: 1 + Poisson(rate)
   c.data.synthetic.voxel_noise = False                     # noise scaled with the voxel volume
+  c.data.synthetic.low_contrast_rate = 0.2                 # share of faint-tumour, noisier cases
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.enabled = False                           # off, as in the paper
   c.data.augment.flip = True
@@ -229,9 +231,13 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.data.synthetic.cases >= 0, "data.synthetic.cases", "must be >= 0")
   need(c.data.synthetic.crop == 0 or 16 <= c.data.synthetic.crop <= c.data.synthetic.size,
        "data.synthetic.crop", "must be 0 or between 16 and data.synthetic.size")
+  need(0 <= c.data.synthetic.low_contrast_rate <= 1, "data.synthetic.low_contrast_rate",
+       "must be in [0, 1]")
   need(0 < c.data.synthetic.tumour_rate < 100, "data.synthetic.tumour_rate",
        "must be in (0, 100)")
   need(c.data.train_crop in TRAIN_CROPS, "data.train_crop", f"must be one of {TRAIN_CROPS}")
+  need(0.0 <= c.data.foreground_tumour_share <= 1.0, "data.foreground_tumour_share",
+       "must be in [0, 1]")
   need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   need(c.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")

@@ -1,5 +1,6 @@
 """munet_jax.data.synthetic: deterministic, CT-like, labels that make sense."""
 
+import json
 import os
 import subprocess
 import sys
@@ -179,3 +180,68 @@ def test_voxel_noise_scales_the_noise_with_the_voxel_volume():
     assert k * (s_plain - 0.5) - 0.5 <= s_scaled <= k * (s_plain + 0.5) + 0.5, (i, k)
     checked += 1
   assert checked >= 3
+
+
+def test_the_low_contrast_rate_changes_only_the_low_contrast_flag():
+  # Every case draws its flag and its noise level whatever the rate, so the same case at
+  # rates 0 and 1 has the same labels and geometry, and the default rate gives, case by
+  # case, one of the two byte for byte.
+  checked = 0
+  for i in range(6):
+    cases = {rate: synthetic.make_case(np.random.default_rng([4, i]), 192, 16,
+                                       low_contrast_rate=rate) for rate in (0.0, 0.2, 1.0)}
+    (hu0, lab0, aff0), (hu1, lab1, aff1) = cases[0.0], cases[1.0]
+    assert (lab0 == lab1).all() and (aff0 == aff1).all()
+    default = cases[0.2][0]
+    assert (default == hu0).all() or (default == hu1).all()
+    # The noise: sigma = 10 + 10 u, or 15 + 10 u for a low-contrast case, from the same u
+    # and the same normal draws z. On the scanner table (-300 HU + sigma z, rounded: each
+    # voxel moves by at most 0.5 HU, so each standard deviation by at most 0.5) the two
+    # standard deviations differ by 5 std(z); std(z) of N >= 3,000 draws lies within
+    # 1 +- 6 / sqrt(2 N) (six of its standard errors).
+    rows = [j for j in range(hu0.shape[1]) if ((hu0[:, j] > -450) & (hu0[:, j] < -150)).all()]
+    if not rows:
+      continue
+    n = hu0[:, rows].size
+    assert n >= 3000
+    gap = hu1[:, rows].astype(np.float64).std() - hu0[:, rows].astype(np.float64).std()
+    slack = 6 / np.sqrt(2 * n)
+    assert 5 * (1 - slack) - 1 <= gap <= 5 * (1 + slack) + 1, (i, gap)
+    checked += 1
+  assert checked >= 3
+  with pytest.raises(ValueError, match="low_contrast_rate"):
+    synthetic.make_case(np.random.default_rng(0), 32, 4, low_contrast_rate=1.5)
+
+
+def test_the_command_line_records_the_low_contrast_rate(tmp_path):
+  run = subprocess.run(
+      [sys.executable, "-m", "munet_jax.data.synthetic", "--out", str(tmp_path), "--cases", "1",
+       "--size", "24", "--slices", "4", "--low-contrast-rate", "0"],
+      capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+  assert run.returncode == 0, run.stderr
+  with open(tmp_path / "synthetic.json") as f:
+    assert json.load(f)["low_contrast_rate"] == 0.0
+
+
+def test_training_warns_of_synthetic_data_made_with_other_settings(tmp_path):
+  from munet_jax.config import base_config
+  from munet_jax.training.loop import synthetic_mismatch
+  synthetic.write_dataset(tmp_path, cases=1, size=24, seed=0, slices=4, progress=False)
+  config = base_config()
+  config.seed = 0
+  s = config.data.synthetic
+  s.cases, s.size, s.slices = 1, 24, 4
+  assert synthetic_mismatch(str(tmp_path), config) == []
+  s.low_contrast_rate = 0.0
+  [warning] = synthetic_mismatch(str(tmp_path), config)
+  assert "low_contrast_rate 0.2 (the config asks for 0.0)" in warning
+  # A data set written before the setting existed was made at its default, 0.2.
+  path = tmp_path / "synthetic.json"
+  settings = json.loads(path.read_text())
+  del settings["low_contrast_rate"]
+  path.write_text(json.dumps(settings))
+  assert len(synthetic_mismatch(str(tmp_path), config)) == 1
+  s.low_contrast_rate = 0.2
+  assert synthetic_mismatch(str(tmp_path), config) == []
+  config.seed = 1
+  assert "seed 0 (the config asks for 1)" in synthetic_mismatch(str(tmp_path), config)[0]

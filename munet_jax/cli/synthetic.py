@@ -27,10 +27,14 @@ def main(argv: Sequence[str], prog: str = "munet-synthetic") -> int:
   parser.add_argument("--voxel-noise", action="store_true",
                       help="scale the noise with the voxel volume (levels given for a "
                            "0.75 x 0.75 x 5 mm voxel)")
+  parser.add_argument("--low-contrast-rate", type=float, default=0.2,
+                      help="share of low-contrast cases: tumours at 0.4 of their contrast, "
+                           "more noise (default 0.2)")
   args = parser.parse_args(argv)
   paths = write_dataset(args.out, args.cases, args.size, args.seed, args.slices,
                         progress=sys.stderr.isatty(), crop=args.crop,
-                        tumour_rate=args.tumour_rate, voxel_noise=args.voxel_noise)
+                        tumour_rate=args.tumour_rate, voxel_noise=args.voxel_noise,
+                        low_contrast_rate=args.low_contrast_rate)
   print(f"{args.out}: wrote {len(paths)} synthetic cases ({args.size}x{args.size}, "
         f"seed {args.seed})")
   return 0

@@ -15,8 +15,8 @@ a plausible physical size whatever the array size:
   excluded from the liver label); and 0-10 tumours from a few mm to ~7 cm across, mostly
   hypo-dense (20-50 HU below liver), some hyper-dense, some of low contrast, with rims or
   necrotic cores, some at or bulging past the liver's edge.
-Plain and portal-venous phases, low-contrast cases, Gaussian noise of 10-25 HU (with
-`voxel_noise`, at a 0.75 x 0.75 x 5 mm voxel and scaled with the voxel volume),
+Plain and portal-venous phases, low-contrast cases (20% by default), Gaussian noise of
+10-25 HU (with `voxel_noise`, at a 0.75 x 0.75 x 5 mm voxel and scaled with the voxel volume),
 partial-volume edges, in-plane spacing 0.6-0.9 mm scaled by 512 / size, and files stored
 in RAS or LPS order with slices running up or down, so readers must use the affine.
 
@@ -40,6 +40,7 @@ from munet_jax.labels import bounding_box
 
 MIN_SIZE = 16  # below this the anatomy is a few voxels
 NOISE_VOXEL_MM3 = 0.75 * 0.75 * 5.0  # the voxel the noise levels are given for (voxel_noise)
+LOW_CONTRAST_RATE = 0.2              # share of low-contrast cases (faint tumours, more noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,7 +451,8 @@ def _liver_window(liver: np.ndarray, crop: int) -> tuple[int, int]:
 
 
 def make_case(rng: np.random.Generator, size: int, slices: int | None = None, *,
-              crop: int = 0, tumour_rate: float = 2.5, voxel_noise: bool = False):
+              crop: int = 0, tumour_rate: float = 2.5, voxel_noise: bool = False,
+              low_contrast_rate: float = LOW_CONTRAST_RATE):
   """Draws one synthetic abdominal CT with its liver / tumour labels.
 
   Args:
@@ -470,6 +472,10 @@ def make_case(rng: np.random.Generator, size: int, slices: int | None = None, *,
       as a scanner's quantum noise averages down over a larger voxel: a case drawn on a
       coarse grid then has the noise of a real scan resampled to that grid rather than
       that of a thin-slice, fine-pixel one. The random draws are the same either way.
+    low_contrast_rate: the share of low-contrast cases (tumours at 0.4 of their contrast,
+      noise of 15-25 HU instead of 10-20). Each case draws whether it is one whatever the
+      rate, so a case differs between two rates only in that flag and what follows
+      from it.
 
   Returns:
     hu: (S, S, Z) int16 Hounsfield units, in file order; S = crop or size.
@@ -482,9 +488,11 @@ def make_case(rng: np.random.Generator, size: int, slices: int | None = None, *,
     raise ValueError(f"crop must be 0 or in [{MIN_SIZE}, size={size}], got {crop}")
   if not 0 < tumour_rate < 100:
     raise ValueError(f"tumour_rate must be in (0, 100), got {tumour_rate}")
+  if not 0 <= low_contrast_rate <= 1:
+    raise ValueError(f"low_contrast_rate must be in [0, 1], got {low_contrast_rate}")
   grid, in_plane, thickness = _geometry(rng, size, slices)
   plain = rng.uniform() < 0.25          # no contrast agent
-  low_contrast = rng.uniform() < 0.2    # faint tumours, more noise
+  low_contrast = rng.uniform() < low_contrast_rate    # faint tumours, more noise
   liver_hu = rng.uniform(50, 65) if plain else rng.uniform(80, 105)
 
   # Painted back to front: each structure overwrites what lies under it.
@@ -520,7 +528,8 @@ def make_case(rng: np.random.Generator, size: int, slices: int | None = None, *,
 
 def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None = None,
                   progress: bool = True, crop: int = 0, tumour_rate: float = 2.5,
-                  voxel_noise: bool = False) -> list[tuple[str, str]]:
+                  voxel_noise: bool = False, low_contrast_rate: float = LOW_CONTRAST_RATE
+                  ) -> list[tuple[str, str]]:
   """Writes `cases` synthetic cases to `out` in the LiTS layout.
 
   Args:
@@ -530,8 +539,9 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
     seed: case i is drawn from `np.random.default_rng([seed, i])`.
     slices: slices per volume, None for 1-5 mm slices (see `make_case`).
     progress: show a tqdm bar over cases.
-    crop, tumour_rate, voxel_noise: see `make_case` (a liver-region crop; lesions per
-      case; noise scaled with the voxel volume).
+    crop, tumour_rate, voxel_noise, low_contrast_rate: see `make_case` (a liver-region
+      crop; lesions per case; noise scaled with the voxel volume; share of low-contrast
+      cases).
 
   Returns:
     (image path, label path) per case. Also writes `out/synthetic.json` with the settings.
@@ -546,11 +556,14 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
     raise UserError(f"--crop must be 0 or in [{MIN_SIZE}, {size}] (the size), got {crop}")
   if not 0 < tumour_rate < 100:
     raise UserError(f"--tumour-rate must be in (0, 100), got {tumour_rate}")
+  if not 0 <= low_contrast_rate <= 1:
+    raise UserError(f"--low-contrast-rate must be in [0, 1], got {low_contrast_rate}")
   out = os.fspath(out)
   paths = []
   for i in tqdm.trange(cases, desc="synthetic CT", unit="case", disable=not progress):
     hu, labels, affine = make_case(np.random.default_rng([seed, i]), size, slices, crop=crop,
-                                   tumour_rate=tumour_rate, voxel_noise=voxel_noise)
+                                   tumour_rate=tumour_rate, voxel_noise=voxel_noise,
+                                   low_contrast_rate=low_contrast_rate)
     image_path = os.path.join(out, f"volume-{i}.nii.gz")
     label_path = os.path.join(out, f"segmentation-{i}.nii.gz")
     nifti.write_image(image_path, hu, affine)
@@ -558,7 +571,7 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
     paths.append((image_path, label_path))
   settings = {"generator": "munet_jax.data.synthetic", "cases": cases, "size": size,
               "slices": slices, "seed": seed, "crop": crop, "tumour_rate": tumour_rate,
-              "voxel_noise": voxel_noise}
+              "voxel_noise": voxel_noise, "low_contrast_rate": low_contrast_rate}
   tmp = os.path.join(out, ".synthetic.json.tmp")
   with open(tmp, "w") as f:
     json.dump(settings, f, indent=2)
@@ -569,7 +582,9 @@ def write_dataset(out, cases: int, size: int, seed: int = 0, slices: int | None 
 def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
                              slices: int | None = None, progress: bool = True,
                              crop: int = 0, tumour_rate: float = 2.5,
-                             voxel_noise: bool = False) -> list[tuple[str, str]]:
+                             voxel_noise: bool = False,
+                             low_contrast_rate: float = LOW_CONTRAST_RATE
+                             ) -> list[tuple[str, str]]:
   """`write_dataset` into a temporary folder beside `out`, renamed onto `out` when whole.
 
   What `train.py` uses when `data.root` holds no cases: a run killed half-way through
@@ -584,7 +599,8 @@ def write_dataset_into_place(out, cases: int, size: int, seed: int = 0,
   shutil.rmtree(tmp, ignore_errors=True)   # left by a run killed while writing it
   try:
     paths = write_dataset(tmp, cases, size, seed=seed, slices=slices, progress=progress,
-                          crop=crop, tumour_rate=tumour_rate, voxel_noise=voxel_noise)
+                          crop=crop, tumour_rate=tumour_rate, voxel_noise=voxel_noise,
+                          low_contrast_rate=low_contrast_rate)
   except (OSError, WriteError) as e:
     shutil.rmtree(tmp, ignore_errors=True)
     cause = e.__cause__ if isinstance(e, WriteError) else e

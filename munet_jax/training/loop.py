@@ -6,6 +6,7 @@ everything with a side effect (files, signals, the progress bar) lives here.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -78,8 +79,12 @@ def prepare_data(config: ml_collections.ConfigDict):
           root, config.data.synthetic.cases, config.data.synthetic.size, seed=config.seed,
           slices=config.data.synthetic.slices, crop=config.data.synthetic.crop,
           tumour_rate=config.data.synthetic.tumour_rate,
-          voxel_noise=config.data.synthetic.voxel_noise)
+          voxel_noise=config.data.synthetic.voxel_noise,
+          low_contrast_rate=config.data.synthetic.low_contrast_rate)
     sharding.sync_processes("synthetic data")
+  elif config.data.synthetic.cases > 0 and jax.process_index() == 0:
+    for line in synthetic_mismatch(root, config):
+      print(line, file=sys.stderr)
   split = splits.split_cases(discovery.find_cases(root), config)
   if not split["train"]:
     raise UserError(f"{root}: the split leaves no training case")
@@ -97,6 +102,30 @@ def prepare_data(config: ml_collections.ConfigDict):
   if all(c.name in bad for c in split["train"]):
     raise UserError(f"{root}: every training case was skipped as bad")
   return split, slice_store
+
+
+def synthetic_mismatch(root: str, config: ml_collections.ConfigDict) -> list[str]:
+  """Warnings when `root` holds synthetic data made with other settings than the config's.
+
+  `train.py` makes the data only where there is none, so data from an earlier version of
+  a config (or from other flags) would be trained on silently. Files written before a
+  setting existed are read as having its default then (`low_contrast_rate` 0.2).
+  """
+  try:
+    with open(os.path.join(root, "synthetic.json")) as f:
+      made = json.load(f)
+  except (OSError, ValueError):
+    return []
+  made = {"low_contrast_rate": synthetic.LOW_CONTRAST_RATE, **made}
+  wanted = dict(config.data.synthetic.to_dict(), seed=config.seed)
+  differ = [f"{key} {made[key]!r} (the config asks for {value!r})"
+            for key, value in sorted(wanted.items())
+            if key in made and made[key] != (list(value) if isinstance(value, tuple) else value)]
+  if not differ:
+    return []
+  return [f"warning: {root} holds synthetic data made with other settings: "
+          f"{'; '.join(differ)}. Training uses it as it is; remove the folder (or point "
+          "data.root elsewhere) to make it afresh."]
 
 
 def _has_cases(root: str) -> bool:
