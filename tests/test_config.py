@@ -80,6 +80,8 @@ def test_integer_override_of_a_float_field_is_accepted():
     ("data.prefetch=-1", "data.prefetch"),
     ("eval.small_lesion_mm=-3", "eval.small_lesion_mm"),
     ("eval.nsd_tolerance_mm=-0.5", "eval.nsd_tolerance_mm"),
+    ("data.foreground_tumour_share=1.5", "data.foreground_tumour_share"),
+    ("data.synthetic.low_contrast_rate=-0.1", "data.synthetic.low_contrast_rate"),
     ("model=3", "model"),
 ])
 def test_bad_override_is_a_user_error_naming_the_key(override, key):

@@ -315,6 +315,28 @@ def test_foreground_windows_hold_the_tumour_then_the_liver_and_reach_both_ends()
   assert (sy, dy) == (slice(0, 8), slice(4, 12)) and 0 <= sx.start <= 24
 
 
+def test_a_tumour_share_below_one_places_some_windows_around_the_liver():
+  label = np.zeros((40, 30), np.uint8)
+  label[0:12, 0:30] = 1
+  label[37, 2] = 2                  # no 16 x 16 window holds both the voxel and the liver
+  holds = []
+  for k in range(400):
+    rng = np.random.default_rng(k)
+    (sx, _), (sy, _) = pipeline.foreground_place(label, 16, rng, tumour_share=0.5)
+    window = label[sx, sy]
+    assert (window == 2).any() != (window == 1).any()   # one or the other, never neither
+    holds.append((window == 2).any())
+    # A share of 1 draws exactly the windows of the plain call.
+    one = pipeline.foreground_place(label, 16, np.random.default_rng(k), tumour_share=1.0)
+    assert one == pipeline.foreground_place(label, 16, np.random.default_rng(k))
+  # The count around the tumour is Binomial(400, 1/2), sd 10: within 6 sd of 200.
+  assert 140 <= sum(holds) <= 260
+  for k in range(50):
+    (sx, _), (sy, _) = pipeline.foreground_place(label, 16, np.random.default_rng(k),
+                                                 tumour_share=0.0)
+    assert (label[sx, sy] == 1).any() and not (label[sx, sy] == 2).any()
+
+
 def test_foreground_crops_are_deterministic_and_hold_the_tumour(train_store):
   config = _config(train_crop="foreground", image_size=12, sampling="tumour_oversample",
                    tumour_oversample=0.9)

@@ -161,16 +161,22 @@ def _place(n: int, size: int) -> tuple[slice, slice]:
   return slice(0, n), slice(start, start + n)
 
 
-def foreground_place(label: np.ndarray, size: int, rng: np.random.Generator):
+def foreground_place(label: np.ndarray, size: int, rng: np.random.Generator,
+                     tumour_share: float = 1.0):
   """Per-axis (source, destination) ranges of a size x size window of a 2-D `label` slice.
 
   Along an axis no longer than `size` the slice is centre-padded (as `_place`). Along a
   longer one the window starts where it holds a voxel drawn uniformly from the slice's
   tumour voxels, else its liver voxels, else anywhere, at a uniform place among those
-  that hold it.
+  that hold it. With `tumour_share` < 1, a slice holding tumour has its window placed
+  around a tumour voxel only with that probability, else around a liver voxel (the
+  draw that decides is made only then, so a share of 1 leaves every window as it was).
   """
   voxel = None
-  for value in (TUMOUR_LABEL, LIVER_LABEL):
+  values = (TUMOUR_LABEL, LIVER_LABEL)
+  if tumour_share < 1.0 and rng.random() >= tumour_share:
+    values = (LIVER_LABEL, TUMOUR_LABEL)
+  for value in values:
     where = np.flatnonzero(label.ravel() == value)
     if where.size:
       voxel = np.unravel_index(int(where[rng.integers(where.size)]), label.shape)
@@ -215,6 +221,7 @@ class BatchBuilder:
     self.places = [(_place(v.shape[1], self.size), _place(v.shape[2], self.size))
                    for v in store.volumes]
     self.foreground = config.data.train_crop == "foreground"
+    self.tumour_share = float(config.data.foreground_tumour_share)
     self.slots: batch_slots.SlotLayout | None = None   # set by TrainIterator for workers
     self._segment = None
     self._count = 0
@@ -264,7 +271,7 @@ class BatchBuilder:
       volume_hu, volume_label = self.store.volume(self.names[v])
       if self.foreground:
         rng = np.random.default_rng([derive_seed(self.seed, "crop"), step, self.first_row + r])
-        (sx, dx), (sy, dy) = foreground_place(volume_label[z], s, rng)
+        (sx, dx), (sy, dy) = foreground_place(volume_label[z], s, rng, self.tumour_share)
       else:
         (sx, dx), (sy, dy) = self.places[v]
       if dx.stop - dx.start < s or dy.stop - dy.start < s:
