@@ -38,7 +38,7 @@ from munet_jax.lesions import lesion_detection
 
 STEPS = ("largest_liver_component", "tumour_inside_liver")   # on / off
 MIN_SIZE = "min_tumour_voxels"                               # a size, 0 = off
-MIN_TUMOUR_CANDIDATES = (0, 2, 4, 8, 16, 32)
+MIN_TUMOUR_CANDIDATES = (0, 2, 4, 8, 16, 32, 64, 128)
 FILE = "postprocessing.json"
 _FACES = ndimage.generate_binary_structure(3, 1)
 
