@@ -106,11 +106,15 @@ def test_demo_size_data_set_is_fast(tmp_path):
   assert time.perf_counter() - start < 10.0
 
 
-def test_command_line(tmp_path):
-  run = subprocess.run(
-      [sys.executable, "-m", "munet_jax.data.synthetic", "--out", str(tmp_path), "--cases", "2",
-       "--size", "24", "--slices", "6", "--seed", "3"],
+def _command_line(out, *args):
+  """`python -m munet_jax.data.synthetic --out OUT ARGS...` in a fresh process."""
+  return subprocess.run(
+      [sys.executable, "-m", "munet_jax.data.synthetic", "--out", str(out), *args],
       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+
+
+def test_command_line(tmp_path):
+  run = _command_line(tmp_path, "--cases", "2", "--size", "24", "--slices", "6", "--seed", "3")
   assert run.returncode == 0, run.stderr
   assert sorted(os.listdir(tmp_path)) == ["segmentation-0.nii.gz", "segmentation-1.nii.gz",
                                           "synthetic.json", "volume-0.nii.gz",
@@ -118,9 +122,7 @@ def test_command_line(tmp_path):
 
 
 def test_command_line_rejects_a_tiny_size(tmp_path):
-  run = subprocess.run(
-      [sys.executable, "-m", "munet_jax.data.synthetic", "--out", str(tmp_path), "--size", "4"],
-      capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+  run = _command_line(tmp_path, "--size", "4")
   assert run.returncode == 2
   assert run.stderr.strip() == "error: --size must be >= 16, got 4"
 
@@ -214,10 +216,8 @@ def test_the_low_contrast_rate_changes_only_the_low_contrast_flag():
 
 
 def test_the_command_line_records_the_low_contrast_rate(tmp_path):
-  run = subprocess.run(
-      [sys.executable, "-m", "munet_jax.data.synthetic", "--out", str(tmp_path), "--cases", "1",
-       "--size", "24", "--slices", "4", "--low-contrast-rate", "0"],
-      capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+  run = _command_line(tmp_path, "--cases", "1", "--size", "24", "--slices", "4",
+                      "--low-contrast-rate", "0")
   assert run.returncode == 0, run.stderr
   with open(tmp_path / "synthetic.json") as f:
     assert json.load(f)["low_contrast_rate"] == 0.0
