@@ -372,6 +372,9 @@ def load_variables(workdir: str, which: str = "latest", devices=None
       for bad_step, error in damaged:
         _warn_damaged(directory, bad_step, error, f"using step {step}")
       config, state = restored
+      if state.get("ema_params"):   # the averaged network, when the run kept one
+        return config, {"params": state["ema_params"],
+                        "batch_stats": state["ema_batch_stats"]}, step
       return config, {"params": state["params"], "batch_stats": state["batch_stats"]}, step
     finally:
       ckpt.close()

@@ -91,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.003                             # L2
   c.train.decoupled_weight_decay = False                   # AdamW-style instead of L2
   c.train.loss = "mse"                                     # on softmax probabilities
+  c.train.ema_decay = 0.0                                  # >0: evaluate a moving average of the weights
+  c.train.ema_stats_steps = 50                             # steps before a checkpoint that fit its batch norm
   c.train.log_every_steps = 50
   c.train.eval_every_steps = 5_000
   c.train.final_eval_split = "test"                        # evaluated when training ends; "" for none
@@ -224,6 +226,8 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(0 <= c.train.weight_decay < math.inf, "train.weight_decay", "must be >= 0 and finite")
   need(c.train.lr_decay_steps >= 1, "train.lr_decay_steps", "must be >= 1")
   need(c.train.loss in LOSSES, "train.loss", f"must be one of {LOSSES}")
+  need(0.0 <= c.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+  need(c.train.ema_stats_steps >= 1, "train.ema_stats_steps", "must be >= 1")
   need(c.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
   need(c.train.eval_every_steps >= 1, "train.eval_every_steps", "must be >= 1")
   need(c.train.final_eval_split in ("", "train", "val", "test"), "train.final_eval_split",

@@ -16,7 +16,8 @@ from munet_jax import sharding
 from munet_jax.training import losses
 from munet_jax.checkpoints import Checkpointer, load_variables
 from munet_jax.training.optimizer import create_optimizer, learning_rate_schedule
-from munet_jax.training.state import create_train_state, make_train_step
+from munet_jax.training.state import (create_train_state, ema_stats_steps, make_train_step,
+                                      variables_of)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,6 +204,94 @@ def test_load_returns_the_config_and_variables(tmp_path, tiny_state):
   assert step == 3 and tuple(config.model.features) == (4, 8)
   np.testing.assert_array_equal(variables["params"]["output"]["kernel"],
                                 state.params["output"]["kernel"])
+
+
+def test_the_weight_average_follows_its_recurrence_and_is_what_a_run_evaluates(tmp_path):
+  c = base_config()
+  c.model.features = (4, 8)
+  c.train.learning_rate = 1e-2
+  c.train.ema_decay = 0.9
+  state = create_train_state(c, jax.random.key(0))
+  init = state.params
+  step = jax.jit(make_train_step(c))
+  want = jax.tree_util.tree_map(lambda p: np.asarray(p, np.float64), init)
+  scale = float(np.max(np.abs(init["output"]["kernel"])))
+  for k in range(4):
+    state, _ = step(state, _batch(seed=k))
+    d = min(0.9, (2.0 + k) / (11.0 + k))   # n = k + 1 updates so far
+    want = jax.tree_util.tree_map(lambda w, p: d * w + (1 - d) * np.asarray(p, np.float64),
+                                  want, state.params)
+    scale = max(scale, float(np.max(np.abs(state.params["output"]["kernel"]))))
+  got = state.ema_params["output"]["kernel"]
+  ref = want["output"]["kernel"]
+  # a float32 recurrence of 4 steps, three roundings each (two products, a sum) of
+  # values no larger than `scale`, plus the decay's own rounding
+  tol = 4 * 4 * np.finfo(np.float32).eps * scale
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=tol)
+  assert not np.allclose(np.asarray(got), np.asarray(state.params["output"]["kernel"]))
+  # The averaged network's batch norm: fitted by a step with ema_stats, on that batch.
+  batch = _batch(seed=9)
+  fitted, _ = jax.jit(make_train_step(c, ema_stats=True))(state, batch)
+  from munet_jax.models import from_config
+  _, updates = from_config(c).apply(
+      {"params": fitted.ema_params, "batch_stats": state.ema_batch_stats}, batch["image"],
+      train=True, sample_mask=batch["mask"], mutable=["batch_stats"],
+      rngs={"dropout": jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key),
+                                          state.step)})
+  # Means and variances of 4 x 16 x 16 values per channel, summed in another order
+  # inside the jitted step: float32 sums of n terms round to n * eps of their scale.
+  n = batch["image"].size
+  for a, b in zip(jax.tree_util.tree_leaves(fitted.ema_batch_stats),
+                  jax.tree_util.tree_leaves(updates["batch_stats"])):
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a), b, rtol=0,
+                               atol=n * np.finfo(np.float32).eps * float(np.max(np.abs(b))))
+  unfitted, _ = step(state, batch)   # without ema_stats they stay as they were
+  for a, b in zip(jax.tree_util.tree_leaves(unfitted.ema_batch_stats),
+                  jax.tree_util.tree_leaves(state.ema_batch_stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree_util.tree_leaves(fitted.ema_batch_stats),
+      jax.tree_util.tree_leaves(fitted.batch_stats)))
+  evaluated = variables_of(fitted)
+  np.testing.assert_array_equal(np.asarray(evaluated["params"]["output"]["kernel"]),
+                                np.asarray(fitted.ema_params["output"]["kernel"]))
+  for a, b in zip(jax.tree_util.tree_leaves(evaluated["batch_stats"]),
+                  jax.tree_util.tree_leaves(fitted.ema_batch_stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save(5, fitted, {}, c)
+  ckpt.close()
+  _, variables, _ = load_variables(str(tmp_path))
+  for a, b in zip(jax.tree_util.tree_leaves(variables),
+                  jax.tree_util.tree_leaves(variables_of(fitted))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_averaged_batch_norm_is_fitted_in_the_steps_before_each_checkpoint():
+  c = base_config()
+  c.train.ema_decay = 0.99
+  c.train.steps = 100
+  c.train.ema_stats_steps = 3
+  c.checkpoint.every_steps = 40
+  c.train.eval_every_steps = 25
+  fitted = [d for d in range(1, 101) if ema_stats_steps(d, c, validating=True)]
+  assert fitted == [23, 24, 25, 38, 39, 40, 48, 49, 50, 73, 74, 75, 78, 79, 80, 98, 99, 100]
+  fitted = [d for d in range(1, 101) if ema_stats_steps(d, c, validating=False)]
+  assert fitted == [38, 39, 40, 78, 79, 80, 98, 99, 100]
+  c.train.ema_decay = 0.0
+  assert not any(ema_stats_steps(d, c, validating=True) for d in range(1, 101))
+
+
+def test_without_an_average_the_state_holds_no_extra_arrays(tiny_state):
+  c, state = tiny_state
+  assert c.train.ema_decay == 0.0 and state.ema_params is None and state.ema_batch_stats is None
+  leaves = jax.tree_util.tree_leaves(state)
+  bare = jax.tree_util.tree_leaves((state.step, state.params, state.opt_state,
+                                    state.batch_stats, state.dropout_key))
+  assert len(leaves) == len(bare)
+  np.testing.assert_array_equal(np.asarray(variables_of(state)["params"]["output"]["kernel"]),
+                                np.asarray(state.params["output"]["kernel"]))
 
 
 def test_load_which_best_without_metrics_warns_and_names_the_step(tmp_path, tiny_state, caplog):

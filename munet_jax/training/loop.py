@@ -27,7 +27,8 @@ from munet_jax.data.pipeline import make_train_iterator
 from munet_jax.errors import UserError
 from munet_jax.inference import VolumeSegmenter
 from munet_jax.training.reporting import MetricWriter, plot_curves
-from munet_jax.training.state import create_train_state, make_train_step, variables_of
+from munet_jax.training.state import (create_train_state, ema_stats_steps, make_train_step,
+                                      variables_of)
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +176,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if data_state is not None:
     iterator.set_state(data_state)
 
-  step_fn = jax.jit(make_train_step(config), donate_argnums=0,
-                    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+  jit_step = lambda ema_stats: jax.jit(
+      make_train_step(config, ema_stats), donate_argnums=0,
+      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+  step_fn = jit_step(False)
+  # With a weight average: the steps before each checkpoint also fit its batch norm.
+  stats_step_fn = jit_step(True) if config.train.ema_decay > 0 else step_fn
   writer = MetricWriter(workdir, enabled=lead)
   val_names = [c.name for c in split["val"] if c.name in stored]
+  validating = bool(val_names)
   total = config.train.steps
   bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not lead,
              dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 10.0)
@@ -212,8 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       pending = None   # (step, metrics, rate) dispatched but not yet checked
       batch = sharding.global_batch_from_local(next(iterator), mesh) if start < total else None
       for step in range(start, total):
-        state, metrics = step_fn(state, batch)
         done = step + 1
+        fits_stats = ema_stats_steps(done, config, validating)
+        state, metrics = (stats_step_fn if fits_stats else step_fn)(state, batch)
         for value in metrics.values():
           value.copy_to_host_async()
         rate = None

@@ -154,3 +154,28 @@ def test_sigkill_before_training_starts_then_restart_ends_bitwise_equal(
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   harness.assert_same_state(workdir, reference_run[0])
+
+
+EMA = ("--config.train.ema_decay=0.9", "--config.train.ema_stats_steps=3")
+
+
+def test_a_run_that_keeps_a_weight_average_resumes_bitwise_too(tmp_path, tiny_config):
+  """The averaged weights and their batch-norm statistics are train state like the rest."""
+  reference = str(tmp_path / "reference")
+  done = harness.run("train", "--config", tiny_config, "--workdir", reference, *EMA)
+  assert done.returncode == 0, done.stderr[-3000:]
+  _, leaves, _ = harness.saved_state(reference)
+  assert any(p.startswith("ema_params/") for p, _ in leaves)
+  assert any(p.startswith("ema_batch_stats/") for p, _ in leaves)
+  workdir = str(tmp_path / "run")
+  # SIGKILL just before the fourth save (step 8): steps 7 and 8 fit the average's
+  # batch norm, and the resumed run must fit it again the same way.
+  killed = harness.run("train", "--config", tiny_config, "--workdir", workdir, *EMA,
+                       fault="munet_jax.checkpoints:Checkpointer.save:4:before")
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  newest = harness.complete_steps(workdir)[-1]
+  assert 2 <= newest < 8, harness.complete_steps(workdir)
+  result = harness.run("train", "--config", tiny_config, "--workdir", workdir, *EMA)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert harness.resumed_from(result.stdout) == newest
+  harness.assert_same_state(workdir, reference)
