@@ -176,12 +176,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if data_state is not None:
     iterator.set_state(data_state)
 
-  jit_step = lambda ema_stats: jax.jit(
-      make_train_step(config, ema_stats), donate_argnums=0,
+  jit_step = lambda step: jax.jit(
+      step, donate_argnums=0,
       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-  step_fn = jit_step(False)
+  step_fn = jit_step(make_train_step(config))
   # With a weight average: the steps before each checkpoint also fit its batch norm.
-  stats_step_fn = jit_step(True) if config.train.ema_decay > 0 else step_fn
+  stats_step_fn = (jit_step(make_train_step(config, ema_stats=True))
+                   if config.train.ema_decay > 0 else step_fn)
   writer = MetricWriter(workdir, enabled=lead)
   val_names = [c.name for c in split["val"] if c.name in stored]
   validating = bool(val_names)
