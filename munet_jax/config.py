@@ -53,6 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.foreground_tumour_share = 1.0                     # tumour slices: share of crops on tumour
   c.data.hu_window = (-250.0, 250.0)                       # clip, section II.E
   c.data.scaled_range = (-1.0, 1.0)                        # the window maps onto this range
+  # Per-volume HU shift (None: none, as in the paper): each volume is shifted by a whole
+  # number of HU so that the reference_percentile of its voxels within reference_window
+  # lands at reference_hu (`munet_jax.preprocessing.intensity_shift`).
+  c.data.reference_hu = config_dict.placeholder(float)
+  c.data.reference_window = (-30.0, 250.0)                 # soft tissue, HU
+  c.data.reference_percentile = 75.0
   c.data.split = "lits"                                    # preset: 40 train / 5 val / 35 test
   c.data.train_cases = ()                                  # explicit case names (split=custom)
   c.data.val_cases = ()
@@ -212,6 +218,14 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
     pair = c.data[key]
     need(len(pair) == 2 and all(_finite_number(v) for v in pair) and pair[0] < pair[1],
          f"data.{key}", f"must be two numbers (low, high) with low < high, got {pair!r}")
+  need(c.data.reference_hu is None or _finite_number(c.data.reference_hu), "data.reference_hu",
+       f"must be None or a finite number, got {c.data.reference_hu!r}")
+  window = c.data.reference_window
+  need(len(window) == 2 and all(_finite_number(v) for v in window)
+       and math.ceil(window[0]) <= math.floor(window[1]), "data.reference_window",
+       f"must be two numbers (low, high) holding at least one whole HU, got {window!r}")
+  need(_finite_number(c.data.reference_percentile) and 0 <= c.data.reference_percentile <= 100,
+       "data.reference_percentile", "must be in [0, 100]")
   need(c.data.split in SPLIT_PRESETS, "data.split", f"must be one of {SPLIT_PRESETS}")
   need(c.data.folds >= 2, "data.folds", "must be >= 2")
   need(0 <= c.data.fold < c.data.folds, "data.fold", f"must be in [0, data.folds={c.data.folds})")

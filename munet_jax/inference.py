@@ -31,7 +31,7 @@ from munet_jax.config import config_from_dict
 from munet_jax.errors import UserError
 from munet_jax.models import from_config
 from munet_jax.prediction import PROBABILITY_SCALE, plan_outputs  # noqa: F401 (public here too)
-from munet_jax.preprocessing import preprocess
+from munet_jax.preprocessing import intensity_shift, preprocess, shifted
 
 
 @functools.lru_cache(maxsize=8)
@@ -110,8 +110,9 @@ class VolumeSegmenter:
   Args:
     variables: model variables ({'params', 'batch_stats'}), or a list of them (an
       ensemble of runs of one architecture and HU window: the mean of their softmax).
-    config: the run's config (model, HU window, `eval.*`; `eval.tta` mirrors each slice
-      along both in-plane axes and averages the four softmaxes).
+    config: the run's config (model, HU window, `data.reference_hu` if the run shifts
+      each volume's HU, `eval.*`; `eval.tta` mirrors each slice along both in-plane
+      axes and averages the four softmaxes).
     batch_size: slices per batch; `eval.batch_size` when None. Rounded up to a multiple
       of the local device count.
     devices: devices to shard batches over; this process's devices when None.
@@ -165,6 +166,7 @@ class VolumeSegmenter:
     x, y, z = hu.shape
     label = _labeller(*self._key, probabilities)[0] if probabilities else self._label
     dtype = _transfer_dtype(hu)
+    shift = intensity_shift(hu, self.config)   # 0 unless data.reference_hu is set
     batch = self.batch_size
     out = np.empty((z, x, y), np.uint8)
     probs = (np.empty((z, x, y, self.config.model.num_classes), np.uint8)
@@ -174,7 +176,8 @@ class VolumeSegmenter:
       stop = min(start + batch, z)
       # A fresh host buffer per batch: the transfer may still be reading the last one.
       images = np.zeros((batch, x, y), dtype)
-      images[:stop - start] = np.moveaxis(hu[:, :, start:stop], -1, 0)
+      images[:stop - start] = shifted(
+          np.moveaxis(hu[:, :, start:stop], -1, 0).astype(dtype, copy=False), shift)
       result = label(self.variables, jax.device_put(images, self._sharding))
       # Fetch the previous batch while this one runs: the host and device overlap.
       if pending is not None:

@@ -2,9 +2,9 @@
 
 `predict.py --onnx model.onnx` runs here. The model file (`munet_jax.export`) maps
 preprocessed slices (N, H, W, 1) to logits (N, H, W, classes); its metadata_props carry
-the rest of what `predict.py --workdir` would read from the run: the HU window
-(`munet_jax.preprocessing`), the classes, the post-processing chosen for the run, the
-evaluation batch size and mirroring. The volume is segmented as `inference.VolumeSegmenter`
+the rest of what `predict.py --workdir` would read from the run: the HU window and any
+per-volume HU shift (`munet_jax.preprocessing`), the classes, the post-processing chosen
+for the run, the evaluation batch size and mirroring. The volume is segmented as `inference.VolumeSegmenter`
 does it: slices along the last (RAS, axial) axis, argmax of the logits, or of the mean
 softmax over in-plane mirrorings with `tta` (and whenever probabilities are asked).
 
@@ -23,7 +23,7 @@ from munet_jax import prediction
 from munet_jax.config import base_config
 from munet_jax.errors import UserError
 from munet_jax.prediction import PROBABILITY_SCALE
-from munet_jax.preprocessing import preprocess
+from munet_jax.preprocessing import intensity_shift, preprocess, shifted
 
 FORMAT_KEY = "munet_jax.format"
 FORMAT = "munet-jax onnx 1"
@@ -78,6 +78,11 @@ class OnnxModel:
       config = base_config()
       config.data.hu_window = tuple(json.loads(props["munet_jax.hu_window"]))
       config.data.scaled_range = tuple(json.loads(props["munet_jax.scaled_range"]))
+      shift = json.loads(props.get("munet_jax.reference", "null"))   # absent before it existed
+      if shift is not None:
+        config.data.reference_hu = float(shift["hu"])
+        config.data.reference_window = tuple(float(v) for v in shift["window"])
+        config.data.reference_percentile = float(shift["percentile"])
       self.preprocessing = config
       self.postprocessing = pp.normalise(json.loads(props["munet_jax.postprocessing"]))
       self.batch_size = int(props["munet_jax.eval_batch_size"])
@@ -148,11 +153,12 @@ class OnnxSegmenter:
     if hu.ndim != 3:
       raise ValueError(f"expected a 3-D volume, got shape {hu.shape}")
     x, y, z = hu.shape
+    shift = intensity_shift(hu, self.model.preprocessing)   # 0 unless the run shifts HU
     labels = np.empty((z, x, y), np.uint8)
     probs = np.empty((z, x, y, self.model.num_classes), np.uint8) if probabilities else None
     for start in range(0, z, self.batch_size):
       stop = min(start + self.batch_size, z)
-      slices = np.moveaxis(hu[:, :, start:stop], -1, 0)
+      slices = shifted(np.moveaxis(hu[:, :, start:stop], -1, 0), shift)
       images = preprocess(np.ascontiguousarray(slices), self.model.preprocessing)[..., None]
       if not self.tta and not probabilities:
         labels[start:stop] = self.model.logits(images).argmax(-1)

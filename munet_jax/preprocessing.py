@@ -1,4 +1,5 @@
-"""Intensity preprocessing: the HU window and scaling of section II.E, nothing else."""
+"""Intensity preprocessing: the HU window and scaling of section II.E, and an optional
+per-volume shift of the HU scale (`data.reference_hu`, off in the paper's recipe)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,67 @@ def preprocess(hu, config: ml_collections.ConfigDict | None = None):
     import jax.numpy as xp  # only for JAX inputs: numpy callers need not import JAX
   x = xp.clip(xp.asarray(hu, dtype=xp.float32), lo, hi)
   return ((x - lo) * ((out_hi - out_lo) / (hi - lo)) + out_lo).astype(xp.float32)
+
+
+def reference_intensity(hu, window, percentile: float) -> float | None:
+  """The `percentile` (numpy's linear interpolation) of a volume's voxels inside `window`.
+
+  Voxels are taken as the slice store keeps them (rounded to whole HU, clipped to int16),
+  so a volume gives the same value whether it is read from its file or from the store,
+  in any axis order. None when no voxel lies inside the window.
+
+  Args:
+    hu: a volume in HU (numpy, any shape and dtype).
+    window: (low, high), inclusive, in HU.
+    percentile: in [0, 100].
+  """
+  hu = np.asarray(hu)
+  lo, hi = int(np.ceil(window[0])), int(np.floor(window[1]))
+  if hi < lo:
+    return None
+  counts = np.zeros(hi - lo + 1, np.int64)
+  flat = hu.reshape(-1)
+  step = 1 << 22                        # voxels at a time: bounds the temporaries
+  for start in range(0, flat.size, step):
+    v = flat[start:start + step]
+    if v.dtype.kind == "f":
+      v = np.rint(v)
+    v = np.clip(v, np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int32)
+    v = v[(v >= lo) & (v <= hi)]
+    counts += np.bincount(v - lo, minlength=counts.size)
+  n = int(counts.sum())
+  if n == 0:
+    return None
+  position = percentile / 100.0 * (n - 1)
+  k = int(np.floor(position))
+  ends = np.cumsum(counts)                 # sorted order: value lo+i fills [ends[i-1], ends[i])
+  below = lo + int(np.searchsorted(ends, k, side="right"))
+  above = lo + int(np.searchsorted(ends, min(k + 1, n - 1), side="right"))
+  return below + (position - k) * (above - below)
+
+
+def intensity_shift(hu, config: ml_collections.ConfigDict) -> int:
+  """The whole number of HU added to every voxel of a volume before the window.
+
+  With `data.reference_hu` set, the shift that brings the volume's
+  `data.reference_percentile` of the voxels within `data.reference_window` (its soft
+  tissue) to `data.reference_hu`, rounded; this evens out how bright the liver is from
+  scan to scan (plain against contrast-enhanced phases). 0 when `data.reference_hu` is
+  None (the paper's recipe) or no voxel lies in the window.
+  """
+  target = config.data.get("reference_hu")
+  if target is None:
+    return 0
+  value = reference_intensity(hu, tuple(config.data.reference_window),
+                              float(config.data.reference_percentile))
+  return 0 if value is None else int(np.rint(float(target) - value))
+
+
+def shifted(hu: np.ndarray, shift: int) -> np.ndarray:
+  """`hu + shift` in hu's dtype (int16 clipped to its range); `hu` itself when shift is 0."""
+  if shift == 0:
+    return hu
+  if hu.dtype.kind in "iu":
+    info = np.iinfo(hu.dtype)
+    return np.clip(hu.astype(np.int32) + shift, info.min, info.max).astype(hu.dtype)
+  return hu + np.asarray(shift, hu.dtype)

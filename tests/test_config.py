@@ -83,6 +83,11 @@ def test_integer_override_of_a_float_field_is_accepted():
     ("data.foreground_tumour_share=1.5", "data.foreground_tumour_share"),
     ("data.synthetic.low_contrast_rate=-0.1", "data.synthetic.low_contrast_rate"),
     ("model=3", "model"),
+    ("data.reference_hu=nan", "data.reference_hu"),
+    ("data.reference_hu=hundred", "data.reference_hu"),
+    ("data.reference_window=(250,-30)", "data.reference_window"),
+    ("data.reference_window=(0.2,0.8)", "data.reference_window"),
+    ("data.reference_percentile=101", "data.reference_percentile"),
 ])
 def test_bad_override_is_a_user_error_naming_the_key(override, key):
   with pytest.raises(UserError, match=f"'{key}'"):
@@ -154,3 +159,10 @@ def test_the_old_tumor_spellings_are_read_as_the_new_keys(tmp_path):
   path.write_text("from munet_jax.config import base_config\n\ndef get_config():\n"
                   "  c = base_config()\n  c.data.tumor_oversample = 0.2\n  return c\n")
   assert load_config_file(str(path)).data.tumour_oversample == 0.2
+
+
+def test_the_reference_hu_is_off_by_default_and_set_from_the_command_line():
+  assert base_config().data.reference_hu is None
+  c = apply_overrides(base_config(), ["data.reference_hu=100"])
+  assert c.data.reference_hu == 100.0
+  assert apply_overrides(c, ["data.reference_hu=None"]).data.reference_hu is None

@@ -390,3 +390,25 @@ def test_permeation_rate_is_exported_lazily():
   import munet_jax
   assert "permeation_rate" in munet_jax.__all__
   assert munet_jax.permeation_rate is permeation_rate
+
+
+def test_object_rates_of_a_run_with_a_reference_hu_see_the_shifted_volume(munet):
+  """data.reference_hu: the diagnostics feed the network what training fed it."""
+  from munet_jax.diagnostics.objects import volume_object_rates
+  from munet_jax.preprocessing import intensity_shift, shifted
+  c, v = munet
+  rng = np.random.default_rng(8)
+  hu = rng.integers(-150, 200, (16, 16, 4)).astype(np.int16)
+  labels = np.zeros(hu.shape, np.uint8)
+  labels[2:14, 3:13, :] = 1
+  labels[5:9, 5:9, 1:3] = 2
+  on = c.copy_and_resolve_references()
+  on.data.reference_hu = 250.0
+  shift = intensity_shift(hu, on)
+  assert abs(shift) > 100
+  kw = dict(small_area_mm2=100.0, batch_size=4)
+  got, _ = volume_object_rates(v, on, hu, labels, (1.0, 1.0, 2.0), **kw)
+  want, _ = volume_object_rates(v, c, shifted(hu, shift), labels, (1.0, 1.0, 2.0), **kw)
+  plain, _ = volume_object_rates(v, c, hu, labels, (1.0, 1.0, 2.0), **kw)
+  assert [r["rates"] for r in got] == [r["rates"] for r in want]
+  assert [r["rates"] for r in got] != [r["rates"] for r in plain]

@@ -27,6 +27,7 @@ from munet_jax.cli import export as export_cli
 from munet_jax.cli import predict as predict_cli
 from munet_jax.cli import run as run_cli
 from munet_jax.data import nifti, synthetic
+from munet_jax import export as export_pkg
 from munet_jax.export import jaxpr_onnx, onnx_model
 from munet_jax.models import from_config
 
@@ -295,3 +296,32 @@ def test_export_refuses_a_shape_for_onnx_and_a_missing_run(tmp_path, capsys):
                         tmp_path / "m.onnx")
   assert status == 2 and err.startswith(f"error: {tmp_path / 'none'}: ")
   assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_export_of_a_run_with_a_reference_hu_shifts_each_volume(run, tmp_path):
+  """data.reference_hu travels in the metadata; the ONNX segmenter shifts as the JAX one."""
+  from munet_jax import onnx_inference
+  from munet_jax.preprocessing import intensity_shift, shifted
+  base, _, config, _ = run
+  on = config.copy_and_resolve_references()
+  on.data.reference_hu = 300.0
+  proto = onnx.load(str(base / "m.onnx"))
+  meta = export_pkg.metadata(on, {})
+  assert json.loads(meta["munet_jax.reference"]) == {"hu": 300.0, "window": [-30.0, 250.0],
+                                                     "percentile": 75.0}
+  assert json.loads(export_pkg.metadata(config, {})["munet_jax.reference"]) is None
+  assert meta["munet_jax.config_sha256"] != export_pkg.metadata(config, {})["munet_jax.config_sha256"]
+  for p in proto.metadata_props:
+    if p.key == "munet_jax.reference":
+      p.value = meta["munet_jax.reference"]
+  onnx.save(proto, str(tmp_path / "shifted.onnx"))
+  hu = np.asarray(nib.load(base / "ct.nii.gz").dataobj).astype(np.int16)
+  shift = intensity_shift(hu, on)
+  assert abs(shift) > 100
+  moved = onnx_inference.OnnxSegmenter(onnx_inference.OnnxModel(str(tmp_path / "shifted.onnx")))
+  plain = onnx_inference.OnnxSegmenter(onnx_inference.OnnxModel(str(base / "m.onnx")))
+  got = moved.segment(hu, probabilities=True)
+  want = plain.segment(shifted(hu, shift), probabilities=True)
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_array_equal(got[0], want[0])
+  assert np.any(got[1] != plain.segment(hu, probabilities=True)[1])

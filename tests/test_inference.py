@@ -243,3 +243,26 @@ def test_prefetch_keeps_order_and_raises_where_consumed():
       got.append(value)
   assert got == [0, 10]
   assert 3 not in calls or calls.index(3) > calls.index(2)
+
+
+def test_a_run_with_a_reference_hu_segments_the_shifted_volume(model):
+  """data.reference_hu: the segmenter shifts each volume, as the training batches are."""
+  from munet_jax.preprocessing import intensity_shift, shifted
+  config = model[0].copy_and_resolve_references()
+  config.model.init_std = 1.0                   # weights large enough to see the input
+  variables = munet_jax.init(jax.random.key(4), config)
+  on = config.copy_and_resolve_references()
+  on.data.reference_hu = 350.0
+  on.data.reference_window = (-1000.0, 1000.0)
+  hu = np.random.default_rng(5).integers(-200, 200, (16, 16, 6)).astype(np.int16)
+  shift = intensity_shift(hu, on)
+  assert abs(shift) > 100                       # a shift that changes the labels
+  labels, probs = inference.VolumeSegmenter(variables, on).segment(hu, probabilities=True)
+  plain = inference.VolumeSegmenter(variables, config)
+  expected = plain.segment(shifted(hu, shift), probabilities=True)
+  np.testing.assert_array_equal(labels, expected[0])
+  np.testing.assert_array_equal(probs, expected[1])
+  assert np.any(probs != plain.segment(hu, probabilities=True)[1])
+  # Float input rounds as the store would: the same shift, the same labels.
+  np.testing.assert_array_equal(
+      inference.VolumeSegmenter(variables, on)(hu.astype(np.float32)), labels)

@@ -352,3 +352,23 @@ def test_foreground_crops_are_deterministic_and_hold_the_tumour(train_store):
         tumour_rows += 1
         assert (x["label"][r] == 2).any()
   assert tumour_rows > 0
+
+
+def test_a_reference_hu_shifts_each_volumes_rows_by_its_own_shift(train_store):
+  """data.reference_hu: every row is its stored slice plus its volume's shift."""
+  from munet_jax.preprocessing import intensity_shift, shifted
+  on = _config(reference_hu=500.0, reference_window=(-1000.0, 3000.0))
+  shifts = [intensity_shift(train_store.case(name).hu, on) for name in train_store.names]
+  assert len(set(shifts)) == len(shifts) and 0 not in shifts   # a check that can fail
+  plain = _take(_iterator(train_store, _config()), 4)
+  moved = _take(_iterator(train_store, on), 4)
+  seen = set()
+  for a, b in zip(plain, moved):
+    np.testing.assert_array_equal(a["label"], b["label"])
+    for row in range(5):
+      volume, _ = _identity(train_store, a["image"][row, ..., 0])
+      seen.add(volume)
+      pad = a["image"][row, ..., 0] == pipeline.PAD_HU
+      expected = np.where(pad, pipeline.PAD_HU, shifted(a["image"][row, ..., 0], shifts[volume]))
+      np.testing.assert_array_equal(b["image"][row, ..., 0], expected)
+  assert seen == set(range(len(SHAPES)))

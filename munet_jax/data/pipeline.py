@@ -55,6 +55,7 @@ from scipy import ndimage
 from munet_jax.data import batch_slots
 from munet_jax.data.store import LIVER, TUMOUR, SliceStore
 from munet_jax.errors import UserError
+from munet_jax.preprocessing import intensity_shift, shifted
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,9 @@ class BatchBuilder:
     self.seed = int(config.seed)
     self.places = [(_place(v.shape[1], self.size), _place(v.shape[2], self.size))
                    for v in store.volumes]
+    # Each volume's HU shift (`data.reference_hu`), as inference computes it.
+    self.shifts = ([intensity_shift(store.case(name).hu, config) for name in store.names]
+                   if config.data.reference_hu is not None else [0] * len(store.names))
     self.foreground = config.data.train_crop == "foreground"
     self.tumour_share = float(config.data.foreground_tumour_share)
     self.slots: batch_slots.SlotLayout | None = None   # set by TrainIterator for workers
@@ -277,7 +281,7 @@ class BatchBuilder:
       if dx.stop - dx.start < s or dy.stop - dy.start < s:
         hu[r].fill(PAD_HU)
         label[r].fill(0)
-      hu[r, dx, dy] = volume_hu[z, sx, sy]
+      hu[r, dx, dy] = shifted(volume_hu[z, sx, sy], self.shifts[v])
       label[r, dx, dy] = volume_label[z, sx, sy]
       if self.augment:
         hu[r], label[r] = self._augmented(step, self.first_row + r, hu[r], label[r])
@@ -423,7 +427,8 @@ def make_train_iterator(store: SliceStore, config: ml_collections.ConfigDict, *,
   Args:
     store: from `store.open_store(cache_dir, names=training cases)`.
     config: reads `seed` and `data.image_size`, `train_crop`, `hu_window`, `scaled_range`,
-      `sampling`, `tumour_oversample`, `num_workers`, `prefetch`, `augment.*`.
+      `reference_*` (each volume's HU shift), `sampling`, `tumour_oversample`,
+      `num_workers`, `prefetch`, `augment.*`.
     global_batch: real slices per step, B (`train.batch_size`).
     padded_batch: B rounded up to a multiple of the device count; rows B.. are padding.
     process_index, process_count: this JAX process and how many there are.

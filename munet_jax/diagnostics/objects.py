@@ -8,7 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from munet_jax.diagnostics.permeation import SENTINEL, object_rates
-from munet_jax.preprocessing import preprocess
+from munet_jax.preprocessing import intensity_shift, preprocess, shifted
 from munet_jax.labels import liver_mask, tumour_mask
 
 
@@ -68,7 +68,7 @@ def volume_object_rates(variables, config, hu_ras: np.ndarray, label_ras: np.nda
   """Permeation rates of every object in up to `max_slices` slices of one volume.
 
   Args:
-    variables, config: the model (and its HU window).
+    variables, config: the model (and its HU window and per-volume HU shift).
     hu_ras, label_ras: (X, Y, Z) Hounsfield units and labels 0/1/2, RAS order.
     spacing: (3,) voxel size (mm), RAS order.
     small_area_mm2, max_slices, pooling, batch_size: see `slice_objects`, `object_rates`.
@@ -81,7 +81,8 @@ def volume_object_rates(variables, config, hu_ras: np.ndarray, label_ras: np.nda
   zs = _choose_slices(label_ras, max_slices)
   if zs.size == 0:
     return [], []
-  images = preprocess(np.moveaxis(hu_ras[:, :, zs], -1, 0), config)[..., None]
+  slices = shifted(np.moveaxis(hu_ras[:, :, zs], -1, 0), intensity_shift(hu_ras, config))
+  images = preprocess(slices, config)[..., None]
   records, masks, index, slices = [], [], [], []
   for i, z in enumerate(zs):
     found = slice_objects(label_ras[:, :, z], spacing[:2], small_area_mm2)

@@ -14,7 +14,7 @@ from munet_jax.atomic import write_png
 from munet_jax.diagnostics.permeation import (SENTINEL, channel_mean_map, downsample_mask,
                                               model_padding, skip_features)
 from munet_jax.overlays import display
-from munet_jax.preprocessing import preprocess
+from munet_jax.preprocessing import preprocess, shifted
 from munet_jax.labels import liver_mask, tumour_mask
 
 
@@ -89,7 +89,8 @@ def _upsampled_crop(map_hw: np.ndarray, factor: int, pad, shape) -> np.ndarray:
 
 def plot_skip_features(path: str, hu_slice: np.ndarray, label_slice: np.ndarray,
                        runs: Sequence[tuple[str, object, object]], title: str,
-                       rates: Sequence[tuple[str, list]] = (), pooling: str = "area") -> None:
+                       rates: Sequence[tuple[str, list]] = (), pooling: str = "area",
+                       shifts: Sequence[int] | None = None) -> None:
   """The Fig. 3 picture for one slice: skip features per stage (rows), per run (columns).
 
   Each run ("name", variables, config) gives two columns when it has the ODU residual
@@ -107,10 +108,12 @@ def plot_skip_features(path: str, hu_slice: np.ndarray, label_slice: np.ndarray,
     title: the figure's title.
     rates: optional (text, [S-1 rates]) printed under the first run's r_s panels.
     pooling: how the reference is shown at each stage ('area' or 'max').
+    shifts: each run's HU shift of the slice's volume (`intensity_shift`); 0 when None.
   """
   columns = []
   for k, (name, variables, config) in enumerate(runs):
-    image = preprocess(hu_slice[None, :, :, None].astype(np.float32), config)
+    shift = shifts[k] if shifts is not None else 0
+    image = preprocess(shifted(hu_slice[None, :, :, None].astype(np.float32), shift), config)
     feats = skip_features(variables, image, config)
     pad = model_padding(config, *hu_slice.shape)
     on_grid = lambda key: [_upsampled_crop(np.asarray(channel_mean_map(f[key]))[0], 2 ** s, pad,

@@ -11,6 +11,7 @@ from munet_jax.diagnostics.objects import summarize_rates, volume_object_rates
 from munet_jax.diagnostics.permeation import MIN_BEFORE, SENTINEL
 from munet_jax.diagnostics.plots import plot_permeation, plot_skip_features
 from munet_jax.errors import UserError
+from munet_jax.preprocessing import intensity_shift
 from munet_jax.atomic import write_json
 
 
@@ -109,7 +110,8 @@ def _measure(runs, cases, small_area: float, max_slices: int, pooling: str, batc
           score = _slice_score(sl, recs)
           if best is None or score > best[0]:
             best = (score, case.name, sl["slice"], hu[:, :, sl["slice"]].copy(),
-                    ref[:, :, sl["slice"]].copy(), [recs[i] for i in sl["objects"]])
+                    ref[:, :, sl["slice"]].copy(), [recs[i] for i in sl["objects"]],
+                    [intensity_shift(hu, rc) for _, _, rc in runs])
       records[name].extend(recs)
   return records, best
 
@@ -154,7 +156,7 @@ def _pictures(out, document, records, runs, best, stages, split, small_mm, pooli
                   f"permeation rate, {_model_name(config)}, '{split}' split "
                   f"(small: < {small_mm:g} x {small_mm:g} mm²)", dots)
 
-  _, case_name, z, hu_slice, ref_slice, objs = best
+  _, case_name, z, hu_slice, ref_slice, objs, shifts = best
   rate_lines = []
   for kind, small in (("tumour", True), ("tumour", False), ("liver", False)):
     picked = [o for o in objs if o["kind"] == kind and o["small"] == small]
@@ -168,7 +170,7 @@ def _pictures(out, document, records, runs, best, stages, split, small_mm, pooli
   features_png = os.path.join(out, "skip_features.png")
   plot_skip_features(features_png, hu_slice, ref_slice, named,
                      f"{case_name}, axial slice {z}: skip features (channel mean of "
-                     f"normalised maps)", rate_lines[:2], pooling)
+                     f"normalised maps)", rate_lines[:2], pooling, shifts)
   return [rates_png, features_png]
 
 

@@ -49,11 +49,23 @@ def inference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   return config
 
 
+def reference(config: ml_collections.ConfigDict) -> dict | None:
+  """The per-volume HU shift's settings (`data.reference_*`), None when the run has none."""
+  if config.data.get("reference_hu") is None:
+    return None
+  return {"hu": float(config.data.reference_hu),
+          "window": [float(v) for v in config.data.reference_window],
+          "percentile": float(config.data.reference_percentile)}
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  """sha256 of the config parts that fix the computation (the model, the HU window)."""
-  key = json.dumps({"model": config.model.to_dict(),
-                    "data": {"hu_window": list(config.data.hu_window),
-                             "scaled_range": list(config.data.scaled_range)}},
+  """sha256 of the config parts that fix the computation (the model, the HU window and
+  shift)."""
+  data = {"hu_window": list(config.data.hu_window),
+          "scaled_range": list(config.data.scaled_range)}
+  if reference(config) is not None:
+    data["reference"] = reference(config)
+  key = json.dumps({"model": config.model.to_dict(), "data": data},
                    sort_keys=True, default=list)
   return hashlib.sha256(key.encode()).hexdigest()
 
@@ -69,6 +81,7 @@ def metadata(config: ml_collections.ConfigDict, postprocessing: dict,
       "munet_jax.class_names": json.dumps(list(meta.CLASS_NAMES[:config.model.num_classes])),
       "munet_jax.hu_window": json.dumps([float(v) for v in config.data.hu_window]),
       "munet_jax.scaled_range": json.dumps([float(v) for v in config.data.scaled_range]),
+      "munet_jax.reference": json.dumps(reference(config)),
       "munet_jax.pooling_factor": str(pooling_factor(len(config.model.features))),
       "munet_jax.postprocessing": json.dumps(pp.normalise(postprocessing)),
       "munet_jax.eval_batch_size": str(config.eval.batch_size),
