@@ -77,10 +77,13 @@ def _labeller(key: str, devices: tuple, models: int = 1, tta: bool = False,
 
 
 def _computation_key(config: ml_collections.ConfigDict) -> str:
-  return json.dumps({"model": config.model.to_dict(),
-                     "data": {"hu_window": list(config.data.hu_window),
-                              "scaled_range": list(config.data.scaled_range)}},
-                    sort_keys=True)
+  data = {"hu_window": list(config.data.hu_window),
+          "scaled_range": list(config.data.scaled_range)}
+  if config.data.get("reference_hu") is not None:   # the per-volume HU shift, when set
+    data.update(reference_hu=float(config.data.reference_hu),
+                reference_window=[float(v) for v in config.data.reference_window],
+                reference_percentile=float(config.data.reference_percentile))
+  return json.dumps({"model": config.model.to_dict(), "data": data}, sort_keys=True)
 
 
 def _replicate(variables: dict, mesh: jax.sharding.Mesh) -> dict:
@@ -209,8 +212,9 @@ def load_runs(workdirs: str | Sequence[str], which: str = "latest"
   """(configs, variables, checkpoint steps) of one run, or of an ensemble of runs.
 
   One workdir gives its variables; several give a list (an ensemble), one config and step
-  per run. The runs must share the architecture and the HU window (a `UserError` naming
-  the run that differs); the first run's config (its `eval.*`) is the ensemble's.
+  per run. The runs must share the architecture, the HU window and any per-volume HU
+  shift (a `UserError` naming the run that differs); the first run's config (its
+  `eval.*`) is the ensemble's.
   """
   if isinstance(workdirs, (str, os.PathLike)):
     config, variables, step = load_variables(workdirs, which)
@@ -219,8 +223,9 @@ def load_runs(workdirs: str | Sequence[str], which: str = "latest"
   for workdir in workdirs:
     config, v, step = load_variables(workdir, which)
     if configs and _computation_key(config) != _computation_key(configs[0]):
-      raise UserError(f"{workdir}: its model or HU window differs from {workdirs[0]}'s; an "
-                      "ensemble needs runs of one architecture and preprocessing")
+      raise UserError(f"{workdir}: its model, HU window or HU shift differs from "
+                      f"{workdirs[0]}'s; an ensemble needs runs of one architecture and "
+                      "preprocessing")
     configs.append(config)
     variables.append(v)
     steps.append(step)

@@ -139,5 +139,5 @@ def test_an_ensemble_of_runs_with_other_preprocessing_is_refused(runs, tmp_path,
   status, _, err = _cli(predict_cli, capsys, "--workdir", workdirs[0], other,
                         "--input", data / "volume-1.nii.gz", "--output", tmp_path / "p.nii.gz")
   assert status == 2 and err.count("\n") == 1
-  assert f"{other}: its model or HU window differs" in err
+  assert f"{other}: its model, HU window or HU shift differs" in err
   assert not os.path.exists(tmp_path / "p.nii.gz")

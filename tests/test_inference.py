@@ -256,7 +256,9 @@ def test_a_run_with_a_reference_hu_segments_the_shifted_volume(model):
   on.data.reference_window = (-1000.0, 1000.0)
   hu = np.random.default_rng(5).integers(-200, 200, (16, 16, 6)).astype(np.int16)
   shift = intensity_shift(hu, on)
-  assert abs(shift) > 100                       # a shift that changes the labels
+  assert abs(shift) > 100
+  # An ensemble (inference.load_runs) refuses runs whose shifts differ.
+  assert inference._computation_key(on) != inference._computation_key(config)                       # a shift that changes the labels
   labels, probs = inference.VolumeSegmenter(variables, on).segment(hu, probabilities=True)
   plain = inference.VolumeSegmenter(variables, config)
   expected = plain.segment(shifted(hu, shift), probabilities=True)

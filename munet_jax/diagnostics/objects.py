@@ -81,8 +81,8 @@ def volume_object_rates(variables, config, hu_ras: np.ndarray, label_ras: np.nda
   zs = _choose_slices(label_ras, max_slices)
   if zs.size == 0:
     return [], []
-  slices = shifted(np.moveaxis(hu_ras[:, :, zs], -1, 0), intensity_shift(hu_ras, config))
-  images = preprocess(slices, config)[..., None]
+  hu_slices = shifted(np.moveaxis(hu_ras[:, :, zs], -1, 0), intensity_shift(hu_ras, config))
+  images = preprocess(hu_slices, config)[..., None]
   records, masks, index, slices = [], [], [], []
   for i, z in enumerate(zs):
     found = slice_objects(label_ras[:, :, z], spacing[:2], small_area_mm2)
