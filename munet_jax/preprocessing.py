@@ -48,10 +48,14 @@ def reference_intensity(hu, window, percentile: float) -> float | None:
   if hi < lo:
     return None
   counts = np.zeros(hi - lo + 1, np.int64)
-  flat = hu.reshape(-1)
-  step = 1 << 22                        # voxels at a time: bounds the temporaries
-  for start in range(0, flat.size, step):
-    v = flat[start:start + step]
+  # A few million voxels at a time, along the last axis: bounds the temporaries, and a
+  # memory-mapped volume is read in pieces rather than copied whole.
+  if hu.ndim == 0:
+    hu = hu.reshape(1)
+  plane = max(1, hu.size // max(hu.shape[-1], 1))
+  step = max(1, (1 << 22) // plane)
+  for start in range(0, hu.shape[-1], step):
+    v = hu[..., start:start + step].reshape(-1)
     if v.dtype.kind == "f":
       v = np.rint(v)
     v = np.clip(v, np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int32)

@@ -46,6 +46,17 @@ def test_reference_intensity_is_numpys_percentile(seed, shape, dtype, low, high,
   assert abs(reference_intensity(np.moveaxis(hu, -1, 0), window, percentile) - got) <= TOL
 
 
+def test_a_large_volume_is_read_in_pieces_and_every_piece_counts():
+  # 5.2 M voxels, more than one piece; brighter towards the last axis's end, so a piece
+  # left out or counted twice moves the percentile.
+  rng = np.random.default_rng(9)
+  hu = rng.integers(-100, 100, (256, 256, 80)).astype(np.int16)
+  hu += (3 * np.arange(80, dtype=np.int16))[None, None, :]
+  expected = _reference(hu, (-30, 250), 75.0)
+  assert abs(reference_intensity(hu, (-30, 250), 75.0) - expected) <= TOL
+  assert abs(reference_intensity(hu[..., :64], (-30, 250), 75.0) - expected) > 1
+
+
 def test_no_voxel_in_the_window_gives_none_and_no_shift():
   hu = np.full((4, 4, 4), -1000, np.int16)
   assert reference_intensity(hu, (-30, 250), 75.0) is None
