@@ -4,9 +4,10 @@
 preprocessed slices (N, H, W, 1) to logits (N, H, W, classes); its metadata_props carry
 the rest of what `predict.py --workdir` would read from the run: the HU window and any
 per-volume HU shift (`munet_jax.preprocessing`), the classes, the post-processing chosen
-for the run, the evaluation batch size and mirroring. The volume is segmented as `inference.VolumeSegmenter`
-does it: slices along the last (RAS, axial) axis, argmax of the logits, or of the mean
-softmax over in-plane mirrorings with `tta` (and whenever probabilities are asked).
+for the run, the evaluation batch size and mirroring. The volume is segmented as
+`inference.VolumeSegmenter` does it: slices along the last (RAS, axial) axis, argmax of
+the logits, or of the mean softmax over in-plane mirrorings with `tta` (and whenever
+probabilities are asked).
 
 Needs onnxruntime (`pip install "munet-jax[onnx]"`), imported when a model is opened.
 """

@@ -99,6 +99,7 @@ def _measure(runs, cases, small_area: float, max_slices: int, pooling: str, batc
       continue
     volume = load_case(case)
     hu, ref, spacing = volume.hu, volume.labels, volume.spacing
+    shifts = [intensity_shift(hu, c) for _, _, c in runs]   # each run's, for the picture
     for name, v, c in runs:
       recs, slices = volume_object_rates(v, c, hu, ref, spacing, small_area_mm2=small_area,
                                          max_slices=max_slices, pooling=pooling,
@@ -111,7 +112,7 @@ def _measure(runs, cases, small_area: float, max_slices: int, pooling: str, batc
           if best is None or score > best[0]:
             best = (score, case.name, sl["slice"], hu[:, :, sl["slice"]].copy(),
                     ref[:, :, sl["slice"]].copy(), [recs[i] for i in sl["objects"]],
-                    [intensity_shift(hu, rc) for _, _, rc in runs])
+                    shifts)
       records[name].extend(recs)
   return records, best
 
