@@ -14,6 +14,11 @@ Attributes are imported on first use, so that command-line tools which never tou
 
 import importlib
 
+from munet_jax._xla_cpu import prefer_threaded_convolutions
+
+# Before JAX creates its CPU backend: multi-threaded convolutions (see munet_jax/_xla_cpu.py).
+prefer_threaded_convolutions()
+
 __version__ = "0.1.0"
 __all__ = ["apply", "base_config", "init", "load", "metrics", "permeation_rate", "preprocess"]
 
