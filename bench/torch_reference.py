@@ -266,6 +266,8 @@ def main():
   print(f"# jax {jax.__version__} ({jax.default_backend()}, {os.cpu_count()} CPUs), "
         f"torch {torch.__version__}; float32; {args.rounds} alternating rounds; "
         f"load {os.getloadavg()[0]:.2f}")
+  # munet_jax's import sets this (munet_jax/_xla_cpu.py) unless MUNET_JAX_YNN_CONVOLUTIONS=1.
+  print(f"# XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   heads = " | ".join(f"PyTorch {t} thr. slices/s" for t in torch_threads)
   print(f"| kind | widths | size | batch | munet_jax slices/s | {heads} | ratio to faster "
         "PyTorch (median, min-max) | max logit diff |")
