@@ -1,6 +1,7 @@
 """`segmentation_metrics` against other exact surface-distance tools, side by side.
 
-Every contender computes the same thing: the face-connected surfaces of both objects
+Ours is `segmentation_metrics` with its default method ("host"); `--jax` adds a row for
+method "jax" (the jitted JAX program). Every contender computes the same thing: the face-connected surfaces of both objects
 (an erosion, the array's edge counting as background), the exact Euclidean distance of
 each surface voxel of one to the nearest surface voxel of the other with the voxel
 spacing, both directions pooled, then ASSD, MSSD (the Hausdorff distance), HD95 and the
@@ -22,6 +23,7 @@ the process loads them, makes one untimed call (ours compiles then) and times
 
   python bench/metrics_peers.py                           # 512 x 512 x 200, every case
   python bench/metrics_peers.py --medpy                   # and medpy's values, once each
+  python bench/metrics_peers.py --jax                     # and ours with method="jax"
   python bench/metrics_peers.py --shape 128 128 50 --cases fair,island   # smoke run
   python bench/metrics_peers.py --sweep                   # ours alone: box size, distance
 
@@ -140,10 +142,14 @@ def _summary(d_pred, d_ref, tolerance):
                                           np.percentile(d_ref, 95))))
 
 
-def compute_ours(ref, pred, spacing, tolerance):
+def compute_ours(ref, pred, spacing, tolerance, method="host"):
   from munet_jax.metrics import segmentation_metrics
-  v = segmentation_metrics(pred, ref, spacing, nsd_tolerance=tolerance)
+  v = segmentation_metrics(pred, ref, spacing, nsd_tolerance=tolerance, method=method)
   return {k: v[k] for k in VALUES}
+
+
+def compute_ours_jax(ref, pred, spacing, tolerance):
+  return compute_ours(ref, pred, spacing, tolerance, method="jax")
 
 
 def compute_simpleitk(ref, pred, spacing, tolerance):
@@ -195,8 +201,8 @@ def compute_medpy(ref, pred, spacing, tolerance):
                   tolerance)
 
 
-COMPUTE = {"ours": compute_ours, "simpleitk": compute_simpleitk, "edt": compute_edt,
-           "monai": compute_monai, "medpy": compute_medpy}
+COMPUTE = {"ours": compute_ours, "ours-jax": compute_ours_jax, "simpleitk": compute_simpleitk,
+           "edt": compute_edt, "monai": compute_monai, "medpy": compute_medpy}
 
 
 def worker(who, data, spacing, tolerance, repeats):
@@ -259,7 +265,7 @@ def compare(args):
       np.save(os.path.join(data, "ref.npy"), ref)
       np.save(os.path.join(data, "pred.npy"), pred)
       del ref, pred
-      runs = {who: [] for who in ("ours", *peers)}
+      runs = {who: [] for who in ("ours", *(("ours-jax",) if args.jax else ()), *peers)}
       for _ in range(args.rounds):
         for who in runs:
           result, error = run_worker(who, data, args)
@@ -340,6 +346,8 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=1, help="timed calls per process")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--medpy", action="store_true", help="medpy's values, once a case")
+  parser.add_argument("--jax", action="store_true",
+                      help="also ours with method='jax' (the jitted program) as a contender")
   parser.add_argument("--sweep", action="store_true", help="ours over sizes and distances")
   parser.add_argument("--worker", choices=tuple(COMPUTE), help=argparse.SUPPRESS)
   parser.add_argument("--data", help=argparse.SUPPRESS)

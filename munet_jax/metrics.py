@@ -3,9 +3,32 @@
 `segmentation_metrics(pred, ref, spacing)` gives DSC, VOE, RVD, ASSD, MSSD, RMSD, HD95
 and the normalised surface Dice (NSD) with exact Euclidean surface distances in physical
 units, in agreement with medpy 0.5.2 (`dc`, `1 - jc`, `ravd`, `assd`, `hd`, `hd95`,
-connectivity 1) wherever medpy is defined.
+connectivity 1) wherever medpy is defined. Two exact ways to the distances give the same
+numbers (to float rounding); numpy takes the statistics in float64 after either.
 
-How the distances are computed (one jitted JAX program, CPU or GPU, then numpy):
+Method "host" (the default; numpy and scipy on the CPU's cores):
+
+* Boxes. Each object's surface lies in its own bounding box, and outside it there are
+  none of its voxels, so the erosion runs there (which also makes the array's edge count
+  as background), packed 64 voxels to a word along the last axis, in slabs along the
+  first axis on a thread pool. The surface voxels become flat indices in the joint box,
+  padded by the shells' reach; one byte a voxel of it marks S(ref) and S(pred).
+* Shells. For each surface voxel of one object (a target), the voxel offsets within a
+  few of the finest voxels are tried nearest first, a block at a time, for the targets
+  not yet settled; the first offset that meets the other surface gives the exact
+  distance whenever it is below the bound past which offsets were not tried
+  (`_shell_offsets`). Most distances of a usable segmentation are settled here, at a cost
+  per target that does not depend on the box.
+* k-d tree. The targets left (an island far from the other surface, a gross error) ask
+  scipy's k-d tree of the other surface's voxels in physical coordinates (exact, float64).
+  Its cost grows with the number of surface voxels, not with the box or the distance.
+  Both directions run side by side.
+
+Cost: one streaming pass over each object's box for the erosion (then work on 1/64 of
+it), O(S log S) in the S surface voxels for the search; memory about 1.1 bytes a voxel
+of the joint box plus O(S).
+
+Method "jax" (one jitted JAX program on JAX's default device, e.g. a GPU; then numpy):
 
 * Crop. Every surface voxel lies in the bounding box of ref ∪ pred, and a voxel just
   outside that box is outside both objects, so the surfaces and all nearest-surface
@@ -46,38 +69,46 @@ How the distances are computed (one jitted JAX program, CPU or GPU, then numpy):
   maximum, the 95th percentile (numpy's linear interpolation, as medpy) and the count
   within the NSD tolerance.
 
-Precision: squared distances are float32 sums of non-negative terms s_k^2 * i^2 (i an
-exact integer offset), so each is within about 3e-7 relative of the exact value, and so
-is their minimum (the window bound is tested with a 1e-6 relative margin, far above
-that rounding); square roots and all sums over voxels are float64. Distances therefore
-agree with an exact float64 computation to better than 1e-6 relative, and so do the
-percentile (an interpolation between two of them) and the means. NSD compares each
-distance with the tolerance: exact unless a distance is within that rounding of the
+Precision, method "host": squared distances are float64 (shells: sums of s_k^2 o_k^2; the
+tree: from float64 coordinates), about 1e-16 relative; ties with the NSD tolerance are
+compared in float64.
+
+Precision, method "jax": squared distances are float32 sums of non-negative terms
+s_k^2 * i^2 (i an exact integer offset), so each is within about 3e-7 relative of the exact
+value, and so is their minimum (the window bound is tested with a 1e-6 relative margin,
+far above that rounding); square roots and all sums over voxels are float64. Distances
+therefore agree with an exact float64 computation to better than 1e-6 relative, and so
+do the percentile (an interpolation between two of them) and the means. NSD compares
+each distance with the tolerance: exact unless a distance is within that rounding of the
 tolerance (with spacings and tolerances of few binary digits, e.g. 0.5 mm and 2 mm, the
 float32 squares are exact and so are ties).
 
-Cost: with the box of N voxels, time O(N) for the surfaces, pass 1 and the first window,
-plus O(n_band R) for each band searched again, n_band its voxels and R the radius in
-voxels that settles it (about its largest distance); memory O(N) as above.
+Cost, method "jax": with the box of N voxels, time O(N) for the surfaces, pass 1 and the
+first window, plus O(n_band R) for each band searched again, n_band its voxels and R the
+radius in voxels that settles it (about its largest distance); memory O(N) as above.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.spatial
 
 from munet_jax.errors import UserError
 from munet_jax.labels import bounding_box
 
-__all__ = ["DEFAULT_NSD_TOLERANCE", "METRIC_NAMES", "MetricsArgumentError",
+__all__ = ["DEFAULT_NSD_TOLERANCE", "METHODS", "METRIC_NAMES", "MetricsArgumentError",
            "segmentation_metrics", "surface"]
 
 METRIC_NAMES = ("dsc", "voe", "rvd", "assd", "mssd", "rmsd", "hd95", "nsd")  # keys, in order
+METHODS = ("host", "jax")   # segmentation_metrics(method=...)
 DEFAULT_NSD_TOLERANCE = 2.0   # mm: about two in-plane voxels of abdominal CT (0.6-1 mm)
 
 _MIN_BUCKET = 32           # the smallest padded length of a box axis
@@ -89,17 +120,22 @@ _FIRST_WINDOW = 6          # voxels: most surface distances of a fair segmentati
 _RADIUS_GROWTH = 3.0       # the search radius's growth while some distance exceeds it
 _BAND = 8                  # planes along b searched again together when one needs more
 _REF, _PRED = 1, 2         # bits of the packed box
+# Method "host":
+_SHELL_VOXELS = 4          # shells reach about this many of the finest voxels
+_SHELL_BLOCKS = (1, 8, 8, 16, 16) + (32,) * 64   # offsets tried per step, nearest first
+_LEAF_SIZE = 16            # points in a k-d tree's leaf
 
 
 class MetricsArgumentError(UserError, ValueError):
   """Arguments of the wrong shape, dtype or spacing."""
 
 
-# ----------------------------------------------------------------------------- host side
+# --------------------------------------------------------------------------- public
 
 
 def segmentation_metrics(pred, ref, spacing: Sequence[float],
-                         nsd_tolerance: float = DEFAULT_NSD_TOLERANCE) -> dict[str, float]:
+                         nsd_tolerance: float = DEFAULT_NSD_TOLERANCE, *,
+                         method: str = "host") -> dict[str, float]:
   """Overlap and surface-distance metrics of `pred` against `ref`.
 
   Args:
@@ -109,6 +145,9 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float],
     spacing: one positive voxel size per axis, in the arrays' axis order (e.g. mm).
     nsd_tolerance: the tolerance tau of the normalised surface Dice, in the units of
       `spacing` (non-negative).
+    method: how the surface distances are found, both exact: "host" (the default:
+      numpy and a k-d tree on the CPU's cores, the fastest on a CPU) or "jax" (one jitted
+      JAX program on JAX's default device, e.g. a GPU).
 
   Returns:
     {"dsc", "voe", "rvd"} as fractions, {"assd", "mssd", "rmsd", "hd95"} in the units of
@@ -125,11 +164,14 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float],
 
   Raises:
     MetricsArgumentError (a ValueError): shapes differ, not 2-D or 3-D, not boolean or
-      integer, `spacing` is not one positive finite number per axis, or `nsd_tolerance`
-      is not a non-negative finite number.
+      integer, `spacing` is not one positive finite number per axis, `nsd_tolerance`
+      is not a non-negative finite number, or `method` is not "host" or "jax".
   """
   pred, ref, spacing = _check_arguments(pred, ref, spacing)
   tolerance = _check_tolerance(nsd_tolerance)
+  if method not in METHODS:
+    raise MetricsArgumentError(
+        f"segmentation_metrics: method must be one of {METHODS}, got {method!r}")
   box_ref, box_pred = bounding_box(ref), bounding_box(pred)
   if box_ref is None and box_pred is None:
     return dict(dsc=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0, hd95=0.0, nsd=1.0)
@@ -137,21 +179,8 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float],
     inf = math.inf
     return dict(dsc=0.0, voe=1.0, rvd=-1.0 if box_pred is None else inf,
                 assd=inf, mssd=inf, rmsd=inf, hd95=inf, nsd=0.0)
-  box = tuple(slice(min(r.start, p.start), max(r.stop, p.stop))
-              for r, p in zip(box_ref, box_pred))
-  packed, spacing3, sizes, planes = _pack(ref[box], pred[box], spacing)
-  with jax.enable_x64(True):   # float64 sums; this thread only, this call only
-    out = _kernel(jnp.asarray(packed), jnp.asarray(spacing3, jnp.float64),
-                  jnp.asarray(sizes, jnp.int32), planes=planes, flat=pred.ndim == 2,
-                  window=_FIRST_WINDOW, band=_BAND)
-    out = jax.device_get(out)
-  volumes, n_surf, at_surface = out
-  n_ref, n_pred, n_both = (int(v) for v in volumes)
-  n_surf = int(n_surf[0]) + int(n_surf[1])
-  at_surface = at_surface[:sizes[0], :sizes[1], :sizes[2]]
-  d2 = at_surface[at_surface >= 0].astype(np.float64)
-  # Voxels on both surfaces hold one value (0) for two distances (both 0).
-  d2 = np.concatenate([d2, np.zeros(n_surf - d2.size)])
+  distances = _host_distances if method == "host" else _jax_distances
+  (n_ref, n_pred, n_both), d2 = distances(ref, pred, box_ref, box_pred, spacing)
   d = np.sqrt(d2)
   return dict(
       dsc=2.0 * n_both / (n_ref + n_pred),
@@ -161,7 +190,7 @@ def segmentation_metrics(pred, ref, spacing: Sequence[float],
       mssd=float(d.max()),
       rmsd=math.sqrt(float(d2.mean())),
       hd95=float(np.percentile(d, 95)),
-      nsd=int(np.count_nonzero(d <= tolerance)) / n_surf,
+      nsd=int(np.count_nonzero(d <= tolerance)) / d.size,
   )
 
 
@@ -188,6 +217,9 @@ def _shift_np(x: np.ndarray, axis: int, step: int) -> np.ndarray:
   dst[axis] = slice(None, -step) if step > 0 else slice(-step, None)
   out[tuple(dst)] = x[tuple(src)]
   return out
+
+
+# ------------------------------------------------------------------------ arguments
 
 
 def _check_arguments(pred, ref, spacing):
@@ -233,6 +265,210 @@ def _check_tolerance(tolerance) -> float:
         f"segmentation_metrics: nsd_tolerance must be a non-negative finite number, "
         f"got {tolerance!r}")
   return value
+
+
+# ---------------------------------------------------------------------- method "host"
+
+
+def _threads() -> int:
+  """The CPU cores this process may use."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:   # not on Linux
+    return max(1, os.cpu_count() or 1)
+
+
+def _host_distances(ref, pred, box_ref, box_pred, spacing):
+  """([|ref|, |pred|, |ref ∩ pred|], float64 squared distances of both surfaces' voxels)
+  with numpy and a k-d tree (module docstring, "method host")."""
+  ref, pred = np.ascontiguousarray(ref), np.ascontiguousarray(pred)
+  ndim = ref.ndim
+  s = np.asarray(spacing, np.float64)
+  offsets, offset_d2, reach = _shell_offsets(s)
+  # The joint box, padded by the shells' reach so that a shell never leaves the array.
+  joint = [(min(r.start, p.start) - k, max(r.stop, p.stop) + k)
+           for r, p, k in zip(box_ref, box_pred, reach)]
+  shape = tuple(hi - lo for lo, hi in joint)
+  strides = np.array([math.prod(shape[k + 1:]) for k in range(ndim)], np.int64)
+  inter = tuple(slice(max(r.start, p.start), min(r.stop, p.stop))
+                for r, p in zip(box_ref, box_pred))
+  threads = _threads()
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    # Surfaces (flat indices in the padded box) and volumes, in slabs along axis 0.
+    jobs = [[pool.submit(_surface_slab, mask, box, lo, hi, joint, strides)
+             for lo, hi in _slabs(box, threads)] for mask, box in ((ref, box_ref),
+                                                                   (pred, box_pred))]
+    both = [pool.submit(_overlap, ref, pred, inter, lo, hi)
+            for lo, hi in _slabs(inter, threads)] if all(
+                b.start < b.stop for b in inter) else []
+    (surf_ref, n_ref), (surf_pred, n_pred) = (
+        (np.concatenate([j.result()[0] for j in group]), sum(j.result()[1] for j in group))
+        for group in jobs)
+    n_both = sum(j.result() for j in both)
+    # One byte a voxel of the padded box: bit 0 on S(ref), bit 1 on S(pred).
+    code = np.zeros(math.prod(shape), np.uint8)
+    code[surf_ref] = 1
+    code[surf_pred] |= 2
+    flat_offsets = offsets @ strides
+    workers = max(1, threads // 2)
+    to_ref = pool.submit(_directed, surf_pred, surf_ref, code, 1, flat_offsets, offset_d2,
+                         shape, s, workers)
+    to_pred = _directed(surf_ref, surf_pred, code, 2, flat_offsets, offset_d2, shape, s,
+                        workers)
+    d2 = np.concatenate([to_ref.result(), to_pred])
+  return (n_ref, n_pred, n_both), d2
+
+
+def _shell_offsets(s):
+  """The voxel offsets checked around each target before the k-d tree, nearest first.
+
+  Returns (offsets (K, ndim) int64, their squared lengths (K,) float64 ascending, reach
+  (ndim,) ints). The offsets are every one with |o_k| <= reach_k whose squared length is
+  below the bound B = min_k s_k^2 (reach_k + 1)^2: any offset outside that box is at
+  least sqrt(B) long, so the first offset (in this order) that meets a source voxel is
+  the nearest one whenever its length is below the bound. The reach is about
+  `_SHELL_VOXELS` of the finest voxel along each axis.
+  """
+  radius = _SHELL_VOXELS * float(s.min())
+  reach = [max(0, math.ceil(radius / float(v)) - 1) for v in s]
+  bound = min(float(v) ** 2 * (r + 1) ** 2 for v, r in zip(s, reach))
+  grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"),
+                  axis=-1).reshape(-1, len(reach)).astype(np.int64)
+  d2 = ((grid.astype(np.float64) * s) ** 2).sum(axis=1)
+  # A relative margin keeps rounding of the bound on the safe side (the k-d tree then
+  # settles such a target, exactly as well).
+  kept = d2 < bound * (1.0 - 1e-9)
+  order = np.argsort(d2[kept], kind="stable")
+  return grid[kept][order], d2[kept][order], reach
+
+
+def _slabs(box, pieces):
+  """About `pieces` x 2 ranges [lo, hi) that split box[0] (for a thread pool)."""
+  lo, hi = box[0].start, box[0].stop
+  n = max(1, min(hi - lo, 2 * pieces))
+  edges = np.linspace(lo, hi, n + 1).round().astype(int)
+  return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _surface_slab(mask, box, lo, hi, joint, strides):
+  """(flat indices in the padded joint box of the surface voxels of `mask` in planes
+  [lo, hi) of its bounding box `box`, number of object voxels there).
+
+  A surface voxel is one with a face neighbour outside the object; outside `box` there
+  are none of the object's voxels, which also makes the array's edge count as outside.
+  The erosion works on the object packed 64 voxels to a word along the last axis.
+  """
+  rest = tuple(box[1:])
+  first, last = max(lo - 1, box[0].start), min(hi + 1, box[0].stop)   # with halo planes
+  words = _pack_rows(mask[(slice(first, last),) + rest])
+  eroded = words.copy()
+  for axis in range(words.ndim - 1):   # whole words: neighbours along the other axes
+    def at(part):
+      index = [slice(None)] * words.ndim
+      index[axis] = part
+      return tuple(index)
+    eroded[at(slice(1, None))] &= words[at(slice(None, -1))]
+    eroded[at(slice(None, -1))] &= words[at(slice(1, None))]
+    eroded[at(0)] = 0
+    eroded[at(-1)] = 0
+  # Along the last axis, bit i of a row is voxel i: shift across the row's words.
+  after = words >> np.uint64(1)
+  after[..., :-1] |= words[..., 1:] << np.uint64(63)
+  eroded &= after
+  before = words << np.uint64(1)
+  before[..., 1:] |= words[..., :-1] >> np.uint64(63)
+  eroded &= before
+  eroded ^= words                        # the surface: the object less its erosion
+  surface = eroded[lo - first:hi - first].reshape(-1)
+  hit = np.flatnonzero(surface)
+  bits = np.unpackbits(surface[hit].view(np.uint8).reshape(-1, 8), axis=1,
+                       bitorder="little")
+  word, bit = np.nonzero(bits)
+  word = hit[word]
+  row, column = np.divmod(word, words.shape[-1])
+  coords = list(np.unravel_index(row, (hi - lo,) + words.shape[1:-1]))
+  coords.append(column * 64 + bit)
+  origin = [lo] + [b.start for b in rest]
+  flat = np.zeros(word.size, np.int64)
+  for k, c in enumerate(coords):
+    flat += (c + (origin[k] - joint[k][0])) * strides[k]
+  count = np.count_nonzero(mask[(slice(lo, hi),) + rest])
+  return flat, int(count)
+
+
+def _pack_rows(x):
+  """x (boolean, n >= 1 axes) packed along its last axis into little-endian uint64
+  words, voxel i of a row at bit i % 64 of word i // 64, zero bits after the row's end."""
+  packed = np.packbits(x, axis=-1, bitorder="little")
+  width = -(-packed.shape[-1] // 8) * 8
+  if width != packed.shape[-1]:
+    padded = np.zeros(packed.shape[:-1] + (width,), np.uint8)
+    padded[..., :packed.shape[-1]] = packed
+    packed = padded
+  return packed.view(np.dtype("<u8"))
+
+
+def _overlap(ref, pred, box, lo, hi):
+  """|ref ∩ pred| in planes [lo, hi) of `box`."""
+  index = (slice(lo, hi),) + tuple(box[1:])
+  return int(np.count_nonzero(np.logical_and(ref[index], pred[index])))
+
+
+def _directed(targets, sources, code, bit, flat_offsets, offset_d2, shape, s, workers):
+  """Squared distances (float64) from each target voxel to the nearest source voxel.
+
+  `targets`, `sources`: flat indices in the padded box; `code & bit` marks the sources.
+  Shells first: the offsets nearest first, a block at a time, for the targets not yet
+  settled; a target is settled by its first offset meeting a source (exact, see
+  `_shell_offsets`). Most surface voxels of a usable segmentation are. The rest (a
+  distant island, a gross error) ask a k-d tree of all source voxels in physical
+  coordinates, exact as well; its cost grows with their number, not their distance.
+  """
+  d2 = np.empty(targets.size, np.float64)
+  left = np.arange(targets.size)
+  where = targets
+  start = 0
+  for block in _SHELL_BLOCKS:
+    if start >= flat_offsets.size or left.size == 0:
+      break
+    stop = min(start + block, flat_offsets.size)
+    hit = (code[where[:, None] + flat_offsets[None, start:stop]] & bit) != 0
+    found = hit.any(axis=1)
+    if found.any():
+      d2[left[found]] = offset_d2[start + np.argmax(hit[found], axis=1)]
+      left, where = left[~found], where[~found]
+    start = stop
+  if left.size:
+    points = np.stack(np.unravel_index(sources, shape), axis=-1) * s
+    queries = np.stack(np.unravel_index(where, shape), axis=-1) * s
+    tree = scipy.spatial.cKDTree(points, leafsize=_LEAF_SIZE, balanced_tree=False,
+                                 compact_nodes=False)
+    distance, _ = tree.query(queries, workers=workers)
+    d2[left] = distance * distance
+  return d2
+
+
+# ----------------------------------------------------------------------- method "jax"
+
+
+def _jax_distances(ref, pred, box_ref, box_pred, spacing):
+  """([|ref|, |pred|, |ref ∩ pred|], float64 squared distances of both surfaces' voxels)
+  with the jitted kernel (module docstring, "method jax")."""
+  box = tuple(slice(min(r.start, p.start), max(r.stop, p.stop))
+              for r, p in zip(box_ref, box_pred))
+  packed, spacing3, sizes, planes = _pack(ref[box], pred[box], spacing)
+  with jax.enable_x64(True):   # float64 sums; this thread only, this call only
+    out = _kernel(jnp.asarray(packed), jnp.asarray(spacing3, jnp.float64),
+                  jnp.asarray(sizes, jnp.int32), planes=planes, flat=pred.ndim == 2,
+                  window=_FIRST_WINDOW, band=_BAND)
+    out = jax.device_get(out)
+  volumes, n_surf, at_surface = out
+  n_surf = int(n_surf[0]) + int(n_surf[1])
+  at_surface = at_surface[:sizes[0], :sizes[1], :sizes[2]]
+  d2 = at_surface[at_surface >= 0].astype(np.float64)
+  # Voxels on both surfaces hold one value (0) for two distances (both 0).
+  d2 = np.concatenate([d2, np.zeros(n_surf - d2.size)])
+  return tuple(int(v) for v in volumes), d2
 
 
 def _bucket(n: int) -> int:
@@ -286,9 +522,6 @@ def _pack(ref_box: np.ndarray, pred_box: np.ndarray, spacing: tuple[float, ...])
   view[...] = ref_box
   view |= pred_box.astype(np.uint8) << 1
   return packed, tuple(spacing[i] for i in order), (n_a, n_b, n_c), planes
-
-
-# ---------------------------------------------------------------------------- device side
 
 
 def _shift(x, axis: int, step: int):

@@ -68,13 +68,13 @@ def separated_tolerance(d):
   return float(values[i] + values[i + 1]) / 2
 
 
-def assert_agrees(pred, ref, spacing, label):
+def assert_agrees(pred, ref, spacing, label, method="host"):
   ref_d = scipy_distances(pred, ref, spacing)
   tolerance = separated_tolerance(ref_d["distances"])
-  ours = segmentation_metrics(pred, ref, spacing, nsd_tolerance=tolerance)
+  ours = segmentation_metrics(pred, ref, spacing, nsd_tolerance=tolerance, method=method)
   want = medpy_metrics(pred, ref, spacing)
-  # Distances agree with float64 to 1e-6 relative (float32 squares, see metrics.py),
-  # and so do their means, maxima and percentiles (interpolations between two of them).
+  # Distances agree with float64 to 1e-6 relative (float64 throughout with "host",
+  # float32 squares with "jax": see metrics.py), and so do their means, maxima and percentiles (interpolations between two of them).
   for key, value in list(want.items()) + [("rmsd", ref_d["rmsd"])]:
     assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-12), (label, key, ours, value)
   for key in ("assd", "mssd", "hd95"):
@@ -261,13 +261,43 @@ def family_cases(family):
 # ----------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("method", metrics.METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_agrees_with_medpy_and_scipy(family):
+def test_agrees_with_medpy_and_scipy(family, method):
   ndims = set()
   for i, pred, ref, spacing in family_cases(family):
     ndims.add(pred.ndim)
-    assert_agrees(pred, ref, spacing, (family, i, pred.shape, spacing))
+    assert_agrees(pred, ref, spacing, (family, i, pred.shape, spacing), method)
   assert ndims == {2, 3}
+
+
+@pytest.mark.parametrize("shell_voxels, threads", [(0, 1), (1, 3), (2, 5)])
+def test_host_tree_and_slabs_agree_with_medpy(monkeypatch, shell_voxels, threads):
+  # Shells of 0-2 voxels settle few targets: most distances then come from the k-d tree.
+  # 1, 3 or 5 threads cut the erosion into 2, 6 or 10 slabs (fewer where a box is thin).
+  monkeypatch.setattr(metrics, "_SHELL_VOXELS", shell_voxels)
+  monkeypatch.setattr(metrics, "_threads", lambda: threads)
+  for family in ("islands", "far", "blobs", "thin", "edges"):
+    for i, pred, ref, spacing in family_cases(family):
+      if i < 12:
+        assert_agrees(pred, ref, spacing, ("tree", shell_voxels, threads, family, i))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 0.8, 1.5), (0.7, 2.9, 0.31),
+                                     (0.5, 5.0), (3.0, 0.01, 1.0)])
+def test_shells_hold_every_offset_below_their_bound(spacing):
+  # The shells settle a target by their first hit only if no offset left out is nearer:
+  # every offset shorter than the bound is listed, nearest first, and the reach covers them.
+  s = np.asarray(spacing)
+  offsets, d2, reach = metrics._shell_offsets(s)
+  bound = min(v * v * (r + 1) ** 2 for v, r in zip(s, reach))
+  assert np.all(np.diff(d2) >= 0) and np.all(d2 < bound)
+  np.testing.assert_allclose(d2, ((offsets * s) ** 2).sum(axis=1), rtol=1e-15)
+  wide = np.stack(np.meshgrid(*[np.arange(-r - 3, r + 4) for r in reach], indexing="ij"),
+                  axis=-1).reshape(-1, s.size)
+  shorter = {tuple(o) for o in wide if ((o * s) ** 2).sum() < bound * (1 - 1e-9)}
+  assert {tuple(o) for o in offsets} == shorter
+  assert len(shorter) > 1
 
 
 def test_chunked_sweep_agrees_with_medpy(monkeypatch):
@@ -284,7 +314,7 @@ def test_chunked_sweep_agrees_with_medpy(monkeypatch):
     spacing = tuple(rng.uniform(0.3, 2.0) * np.array([1.0, *rng.uniform(1.0, 3.0, 2)]))
     packed, _, sizes, planes = metrics._pack(ref, pred, spacing)
     assert sizes[0] == shape[0] and -(-sizes[0] // planes) >= 5
-    assert_agrees(pred, ref, spacing, ("chunked", i))
+    assert_agrees(pred, ref, spacing, ("chunked", i), "jax")
 
 
 @pytest.mark.parametrize("window, band", [(1, 8), (0, 32)])
@@ -297,7 +327,7 @@ def test_bands_searched_again_agree_with_medpy(monkeypatch, window, band):
   for family in ("islands", "far", "blobs", "thin"):
     for i, pred, ref, spacing in family_cases(family):
       if i < 12:
-        assert_agrees(pred, ref, spacing, ("bands", window, band, family, i))
+        assert_agrees(pred, ref, spacing, ("bands", window, band, family, i), "jax")
 
 
 @pytest.mark.slow
@@ -432,11 +462,12 @@ def test_surface_matches_scipy_erosion():
     np.testing.assert_array_equal(metrics.surface(mask), want)
 
 
-def test_extreme_anisotropy_stays_exact():
+@pytest.mark.parametrize("method", metrics.METHODS)
+def test_extreme_anisotropy_stays_exact(method):
   rng = np.random.default_rng(5)
   for spacing in ((0.01, 10.0, 1.0), (1000.0, 0.5, 3.0), (0.003, 0.003, 7.0)):
     pred, ref = nonempty(rng, blob(rng, (20, 12, 28))), nonempty(rng, blob(rng, (20, 12, 28)))
-    assert_agrees(pred, ref, spacing, spacing)
+    assert_agrees(pred, ref, spacing, spacing, method)
 
 
 def test_permuting_axes_with_the_spacing_changes_nothing():
@@ -486,6 +517,12 @@ def test_bad_arguments_are_value_errors(pred, ref, spacing, message):
   assert isinstance(info.value, UserError)   # one line and exit status 2 in the tools
 
 
+def test_unknown_method_is_a_value_error():
+  mask = np.ones((4, 5), bool)
+  with pytest.raises(metrics.MetricsArgumentError, match="method must be one of"):
+    segmentation_metrics(mask, mask, (1, 1), method="gpu")
+
+
 @pytest.mark.parametrize("group", [
     # (shape, spacing): the spacings keep axis 0 first (the finest or, among equals, the
     # longest), so the boxes differ in size only.
@@ -503,10 +540,39 @@ def test_one_compilation_per_bucket(group):
     pred[0, 0, 0] = ref[-1, -1, -1] = True          # the box is the whole array
     packed, _, _, planes = metrics._pack(ref, pred, spacing)
     keys.add((packed.shape, planes, False, metrics._FIRST_WINDOW, metrics._BAND))
-    assert_agrees(pred, ref, spacing, shape)
+    assert_agrees(pred, ref, spacing, shape, "jax")
   assert len(keys) == 1
   # At most one new program (none when an earlier test of this process compiled the bucket).
   assert metrics._kernel._cache_size() - compiled <= 1
+
+
+def test_host_memory_is_linear_in_the_box_and_the_surfaces():
+  # Peak numpy memory of method "host" (tracemalloc sees numpy's buffers): per voxel of
+  # the padded joint box, 1 byte of shell lookups plus at most 1 byte of the erosion's and
+  # the overlap count's slab temporaries; per surface voxel, the largest shell block (32
+  # offsets: 8-byte indices, 1-byte codes and flags, about 300 bytes) and the indices,
+  # distances and k-d tree (under 100 bytes). 3 and 400 leave room over both.
+  import tracemalloc
+  n = 128
+  g = np.indices((n, n, n), dtype=np.float32) - n / 2
+  ball_ref = (g ** 2).sum(axis=0) < (0.4 * n) ** 2
+  ball_pred = ((g - 1.5) ** 2).sum(axis=0) < (0.41 * n) ** 2
+  del g
+  corners_ref, corners_pred = np.zeros((n, n, n), bool), np.zeros((n, n, n), bool)
+  corners_ref[1:6, 1:6, 1:6] = True
+  corners_pred[-7:-2, -6:-1, -6:-1] = True
+  # Big surfaces in the box; then a box of little else (the per-voxel terms dominate).
+  for pred, ref in ((ball_pred, ball_ref), (corners_pred, corners_ref)):
+    pred[2:4, 2:4, 2:4] = True           # an island at the corner: the box is the array
+    surface_voxels = int(metrics.surface(ref).sum() + metrics.surface(pred).sum())
+    tracemalloc.start()
+    try:
+      segmentation_metrics(pred, ref, (1.0, 1.0, 1.0), method="host")
+      _, peak = tracemalloc.get_traced_memory()
+    finally:
+      tracemalloc.stop()
+    box_voxels = math.prod(n + 2 * r for r in metrics._shell_offsets(np.ones(3))[2])
+    assert peak < 3 * box_voxels + 400 * surface_voxels, (surface_voxels, peak)
 
 
 def test_memory_grows_linearly_with_the_box():
