@@ -124,6 +124,7 @@ _REF, _PRED = 1, 2         # bits of the packed box
 _SHELL_VOXELS = 4          # shells reach about this many of the finest voxels
 _SHELL_BLOCKS = (1, 8, 8, 16, 16) + (32,) * 64   # offsets tried per step, nearest first
 _LEAF_SIZE = 16            # points in a k-d tree's leaf
+_TARGET_CHUNK = 4096       # targets taken through the shells together
 
 
 class MetricsArgumentError(UserError, ValueError):
@@ -311,9 +312,9 @@ def _host_distances(ref, pred, box_ref, box_pred, spacing):
     code[surf_pred] |= 2
     flat_offsets = offsets @ strides
     workers = max(1, threads // 2)
-    to_ref = pool.submit(_directed, surf_pred, surf_ref, code, 1, flat_offsets, offset_d2,
+    to_ref = pool.submit(_directed, surf_pred, surf_ref, code, 0, flat_offsets, offset_d2,
                          shape, s, workers)
-    to_pred = _directed(surf_ref, surf_pred, code, 2, flat_offsets, offset_d2, shape, s,
+    to_pred = _directed(surf_ref, surf_pred, code, 1, flat_offsets, offset_d2, shape, s,
                         workers)
     d2 = np.concatenate([to_ref.result(), to_pred])
   return (n_ref, n_pred, n_both), d2
@@ -417,30 +418,40 @@ def _overlap(ref, pred, box, lo, hi):
 def _directed(targets, sources, code, bit, flat_offsets, offset_d2, shape, s, workers):
   """Squared distances (float64) from each target voxel to the nearest source voxel.
 
-  `targets`, `sources`: flat indices in the padded box; `code & bit` marks the sources.
-  Shells first: the offsets nearest first, a block at a time, for the targets not yet
-  settled; a target is settled by its first offset meeting a source (exact, see
+  `targets`, `sources`: flat indices in the padded box; bit `bit` (0 or 1) of `code`
+  marks the sources. Shells first: the offsets nearest first, a block at a time, for the
+  targets not yet settled, a few thousand targets at a time (so the blocks stay in the
+  cache); a target is settled by its first offset meeting a source (exact, see
   `_shell_offsets`). Most surface voxels of a usable segmentation are. The rest (a
   distant island, a gross error) ask a k-d tree of all source voxels in physical
   coordinates, exact as well; its cost grows with their number, not their distance.
   """
   d2 = np.empty(targets.size, np.float64)
-  left = np.arange(targets.size)
-  where = targets
-  start = 0
-  for block in _SHELL_BLOCKS:
-    if start >= flat_offsets.size or left.size == 0:
-      break
-    stop = min(start + block, flat_offsets.size)
-    hit = (code[where[:, None] + flat_offsets[None, start:stop]] & bit) != 0
-    found = hit.any(axis=1)
-    if found.any():
-      d2[left[found]] = offset_d2[start + np.argmax(hit[found], axis=1)]
-      left, where = left[~found], where[~found]
-    start = stop
+  unsettled = []
+  for first in range(0, targets.size, _TARGET_CHUNK):
+    left = np.arange(first, min(first + _TARGET_CHUNK, targets.size))
+    where = targets[left]
+    start = 0
+    for block in _SHELL_BLOCKS:
+      if start >= flat_offsets.size or left.size == 0:
+        break
+      stop = min(start + block, flat_offsets.size)
+      near = np.take(code, where[:, None] + flat_offsets[None, start:stop])
+      if bit:
+        near >>= bit
+      near &= 1
+      hit = near.view(bool)             # 0 or 1 bytes: a valid boolean array
+      found = hit.any(axis=1)
+      if found.any():
+        d2[left[found]] = offset_d2[start + np.argmax(hit[found], axis=1)]
+        kept = ~found
+        left, where = left[kept], where[kept]
+      start = stop
+    unsettled.append(left)
+  left = np.concatenate(unsettled)
   if left.size:
     points = np.stack(np.unravel_index(sources, shape), axis=-1) * s
-    queries = np.stack(np.unravel_index(where, shape), axis=-1) * s
+    queries = np.stack(np.unravel_index(targets[left], shape), axis=-1) * s
     tree = scipy.spatial.cKDTree(points, leafsize=_LEAF_SIZE, balanced_tree=False,
                                  compact_nodes=False)
     distance, _ = tree.query(queries, workers=workers)
