@@ -99,7 +99,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.spatial
 
 from munet_jax.errors import UserError
 from munet_jax.labels import bounding_box
@@ -236,7 +235,7 @@ def _check_arguments(pred, ref, spacing):
     if x.ndim not in (2, 3):
       raise MetricsArgumentError(
           f"segmentation_metrics: {name} must be 2-D or 3-D, got shape {x.shape}")
-    arrays.append(x if x.dtype == np.bool_ else x != 0)
+    arrays.append(np.ascontiguousarray(x if x.dtype == np.bool_ else x != 0))
   pred, ref = arrays
   if pred.shape != ref.shape:
     raise MetricsArgumentError(
@@ -282,7 +281,6 @@ def _threads() -> int:
 def _host_distances(ref, pred, box_ref, box_pred, spacing):
   """([|ref|, |pred|, |ref ∩ pred|], float64 squared distances of both surfaces' voxels)
   with numpy and a k-d tree (module docstring, "method host")."""
-  ref, pred = np.ascontiguousarray(ref), np.ascontiguousarray(pred)
   ndim = ref.ndim
   s = np.asarray(spacing, np.float64)
   offsets, offset_d2, reach = _shell_offsets(s)
@@ -450,6 +448,7 @@ def _directed(targets, sources, code, bit, flat_offsets, offset_d2, shape, s, wo
     unsettled.append(left)
   left = np.concatenate(unsettled)
   if left.size:
+    import scipy.spatial   # here: about 0.3 s to import, and many calls never need it
     points = np.stack(np.unravel_index(sources, shape), axis=-1) * s
     queries = np.stack(np.unravel_index(targets[left], shape), axis=-1) * s
     tree = scipy.spatial.cKDTree(points, leafsize=_LEAF_SIZE, balanced_tree=False,
