@@ -266,6 +266,87 @@ def test_max_pool_2x2_is_nn_max_pool_with_the_same_gradient(values):
   np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
 
 
+class _FlaxBatchNormPReLU(nn.Module):
+  """The composition munet_jax's BatchNorm computes in one piece."""
+  prelu: bool
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    x = nn.BatchNorm(use_running_average=False, momentum=0.9, dtype=x.dtype,
+                     name="BatchNorm_0")(x, mask=mask)
+    return nn.PReLU(name="PReLU_0")(x) if self.prelu else x
+
+
+class _OurBatchNormPReLU(nn.Module):
+  prelu: bool
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    from munet_jax.models.munet import BatchNorm, PReLUSlope
+    slope = PReLUSlope(name="PReLU_0")() if self.prelu else None
+    return BatchNorm(use_running_average=False, momentum=0.9, dtype=x.dtype,
+                     name="BatchNorm_0")(x, mask=mask, negative_slope=slope)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("prelu", [False, True])
+def test_batch_norm_prelu_is_flax_batch_norm_then_prelu_with_the_same_gradients(masked, prelu):
+  rng = np.random.default_rng(0)
+  x = rng.normal(0.5, 3.0, size=(5, 6, 7, 4))
+  mask = None
+  if masked:   # padding rows hold junk that must not reach the statistics
+    x[3:] = 1e3
+    mask = np.array([True, True, True, False, False]).reshape(5, 1, 1, 1)
+  with jax.enable_x64(True):
+    x = jnp.asarray(x)
+    ours, theirs = _OurBatchNormPReLU(prelu), _FlaxBatchNormPReLU(prelu)
+    variables = theirs.init(jax.random.key(0), x)
+    assert _trees_equal(ours.init(jax.random.key(0), x), variables)
+    params = {"BatchNorm_0": {"scale": jnp.asarray(rng.normal(1.0, 0.3, 4)),
+                              "bias": jnp.asarray(rng.normal(size=4))}}
+    if prelu:
+      params["PReLU_0"] = {"negative_slope": jnp.asarray(0.2)}
+    stats = {"BatchNorm_0": {"mean": jnp.asarray(rng.normal(size=4)),
+                             "var": jnp.asarray(rng.uniform(0.5, 2, 4))}}
+
+    def run(module, x, params):
+      return module.apply({"params": params, "batch_stats": stats}, x, mask,
+                          mutable=["batch_stats"])
+
+    (y, new), vjp = jax.vjp(lambda x, p: run(ours, x, p), x, params)
+    (y_ref, new_ref), vjp_ref = jax.vjp(lambda x, p: run(theirs, x, p), x, params)
+    # float64, the same sums in another order: about 1e-13 of the values here; a wrong
+    # count, a masked row in the statistics or a missing term is of the values' order.
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-9)
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.allclose(a, b, rtol=1e-9, atol=0),
+                                     new, new_ref))
+    # Cotangents for the output and for the new running statistics (which depend on x).
+    cotangent = (jnp.asarray(rng.normal(size=x.shape)),
+                 jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), new))
+    (g_x, g_p), (g_x_ref, g_p_ref) = vjp(cotangent), vjp_ref(cotangent)
+    np.testing.assert_allclose(g_x, g_x_ref, rtol=0, atol=1e-9 * float(jnp.abs(g_x_ref).max()))
+    flat, flat_ref = traverse_util.flatten_dict(g_p), traverse_util.flatten_dict(g_p_ref)
+    assert flat.keys() == flat_ref.keys()
+    for k in flat:
+      np.testing.assert_allclose(flat[k], flat_ref[k], rtol=1e-9, err_msg="/".join(k))
+    if masked:   # even an infinite padding row stays out (a select, not a product)
+      _, inf_new = run(ours, x.at[4].set(jnp.inf), params)
+      assert _trees_equal(inf_new, new)
+
+
+def test_batch_norm_evaluation_uses_the_running_statistics_as_flax_does():
+  from munet_jax.models.munet import BatchNorm
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
+  variables = {"params": {"scale": jnp.asarray(rng.normal(1.0, 0.3, 3), jnp.float32),
+                          "bias": jnp.asarray(rng.normal(size=3), jnp.float32)},
+               "batch_stats": {"mean": jnp.asarray(rng.normal(size=3), jnp.float32),
+                               "var": jnp.asarray(rng.uniform(0.5, 2, 3), jnp.float32)}}
+  ours = BatchNorm(use_running_average=True, dtype=jnp.float32).apply(variables, x)
+  theirs = nn.BatchNorm(use_running_average=True, dtype=jnp.float32).apply(variables, x)
+  np.testing.assert_array_equal(ours, theirs)   # the same operations in the same order
+
+
 def test_reformulated_munet_has_the_same_parameters_and_computes_the_same_function():
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
   fast, plain = (MUNet(features=(4, 8, 16), dropout_rate=0.0, reformulated=r)

@@ -157,6 +157,130 @@ class UpConv(nn.Module):
     return y + bias
 
 
+def _row_statistics(x, keep):
+  """Mean and (fast, clipped) variance over (N, H, W) of the rows where keep (N,) is set."""
+  n, h, w, _ = x.shape
+  keep = keep.reshape(n, 1)
+  count = keep.sum().astype(x.dtype) * (h * w)
+  # Each row's sums first, then a select over the rows (junk rows may even hold inf).
+  total = jnp.where(keep, x.sum((1, 2)), 0).sum(0)
+  total_sq = jnp.where(keep, (x * x).sum((1, 2)), 0).sum(0)
+  mean = total / count
+  msq = total_sq / count
+  return mean, jnp.maximum(0.0, msq - mean * mean), msq - mean * mean, count
+
+
+def _normalise_prelu(x, mean, var, scale, bias, slope, epsilon):
+  mul = jax.lax.rsqrt(var + epsilon) * scale
+  y = (x - mean) * mul + bias
+  return jnp.where(y >= 0, y, slope * y), y, mul
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def batch_norm_prelu(x, keep, scale, bias, slope, epsilon):
+  """PReLU(batch norm of x in training mode), and the batch's mean and variance.
+
+  The same function as flax's nn.BatchNorm (fast variance, clipped at 0) followed by
+  nn.PReLU, with a hand-written backward pass: the three sums it needs (of g, of g * x
+  per channel, and the slope's) and one elementwise pass for the input's gradient,
+  where differentiating the composition keeps more full-size intermediates.
+
+  Args:
+    x: (N, H, W, C), float32 or float64.
+    keep: (N,) bool, the rows the statistics are taken over.
+    scale, bias: (C,). slope: () the PReLU's negative slope (1 for no PReLU).
+    epsilon: added to the variance.
+
+  Returns:
+    (z, mean, var): z like x; mean, var (C,).
+  """
+  return _batch_norm_prelu_fwd(x, keep, scale, bias, slope, epsilon)[0]
+
+
+def _batch_norm_prelu_fwd(x, keep, scale, bias, slope, epsilon):
+  mean, var, raw_var, count = _row_statistics(x, keep)
+  z, _, _ = _normalise_prelu(x, mean, var, scale, bias, slope, epsilon)
+  return (z, mean, var), (x, keep, scale, bias, slope, mean, var, raw_var, count)
+
+
+def _batch_norm_prelu_bwd(epsilon, residuals, cotangents):
+  x, keep, scale, bias, slope, mean, var, raw_var, count = residuals
+  g, g_mean, g_var = cotangents
+  _, y, mul = _normalise_prelu(x, mean, var, scale, bias, slope, epsilon)
+  g_y = jnp.where(y >= 0, g, slope * g)
+  g_slope = jnp.where(y >= 0, 0, g * y).sum()
+  s1 = g_y.sum((0, 1, 2))                     # the bias's gradient
+  s2 = (g_y * (x - mean)).sum((0, 1, 2))      # the gradient of mul
+  rstd = jax.lax.rsqrt(var + epsilon)
+  g_scale = s2 * rstd
+  # Through mul = rsqrt(var + eps) * scale into var (which jnp.maximum passes where
+  # positive, halves where 0, as JAX differentiates it), and through y and var into mean.
+  g_var_total = g_var - 0.5 * s2 * scale * rstd ** 3
+  g_var_total = g_var_total * jnp.where(raw_var > 0, 1.0, jnp.where(raw_var == 0, 0.5, 0.0))
+  g_mean_total = g_mean - mul * s1 - 2 * mean * g_var_total
+  # mean = sum(x)/count, var = sum(x^2)/count - mean^2 over the kept rows.
+  weight = keep.reshape(-1, 1, 1, 1).astype(x.dtype)
+  g_x = g_y * mul + weight * ((g_mean_total + 2 * g_var_total * x) / count)
+  return g_x, None, g_scale, s1, g_slope
+
+
+batch_norm_prelu.defvjp(_batch_norm_prelu_fwd, _batch_norm_prelu_bwd)
+
+
+class BatchNorm(nn.Module):
+  """nn.BatchNorm over (N, H, W), optionally followed by a PReLU: same variables and function.
+
+  flax's masked statistics broadcast the mask to the whole activation and keep masked
+  full-size copies for the backward pass; with one mask value per batch row the sums
+  are taken over each row first and selected after, on (N, C) arrays. In training the
+  normalisation and the PReLU are one `batch_norm_prelu`. Statistics in float32
+  (float64 stays), fast variance E[x^2] - E[x]^2 clipped at 0, running averages
+  `momentum * old + (1 - momentum) * new`, as flax computes them.
+  Variables: params scale, bias (C,); batch_stats mean, var (C,).
+  """
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, mask=None, negative_slope=None):
+    """x: (N, H, W, C); mask: None or (N, 1, 1, 1) bool, False rows left out of the
+    statistics; negative_slope: a PReLU's slope applied after, or None for none."""
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    out_dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    xs = x.astype(stat_dtype)
+    scale, bias = scale.astype(stat_dtype), bias.astype(stat_dtype)
+    slope = jnp.asarray(1.0 if negative_slope is None else negative_slope, stat_dtype)
+    if self.use_running_average:
+      z, _, _ = _normalise_prelu(xs, ra_mean.value, ra_var.value, scale, bias, slope,
+                                 self.epsilon)
+    else:
+      keep = (jnp.ones(x.shape[0], bool) if mask is None
+              else mask.reshape(x.shape[0]).astype(bool))
+      z, mean, var = batch_norm_prelu(xs, keep, scale, bias, slope, self.epsilon)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return z.astype(out_dtype)
+
+
+class PReLUSlope(nn.Module):
+  """The parameter of nn.PReLU alone (negative_slope, shape (), 0.01 at first), for
+  layers that apply the PReLU themselves."""
+  negative_slope_init: float = 0.01
+
+  @nn.compact
+  def __call__(self):
+    return self.param("negative_slope", nn.initializers.constant(self.negative_slope_init),
+                      (), jnp.float32)
+
+
 class ConvBlock(nn.Module):
   """Conv3x3 -> batch norm -> PReLU -> dropout: the unit every stage repeats."""
   features: int
@@ -172,9 +296,9 @@ class ConvBlock(nn.Module):
     x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype,
                 kernel_init=_kernel_init(self.init_std),
                 bias_init=nn.initializers.constant(self.bias_init))(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     dtype=self.dtype)(x, mask=mask)
-    x = nn.PReLU()(x)
+    slope = PReLUSlope(name="PReLU_0")()
+    x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                  dtype=self.dtype, name="BatchNorm_0")(x, mask=mask, negative_slope=slope)
     if self.use_dropout:
       x = RowwiseDropout(self.dropout_rate)(x, deterministic=not train)
     return x
