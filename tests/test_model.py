@@ -266,6 +266,27 @@ def test_max_pool_2x2_is_nn_max_pool_with_the_same_gradient(values):
   np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
 
 
+@pytest.mark.parametrize("c_in", [1, 3])
+def test_conv3x3_is_flax_conv_with_the_same_gradients(c_in):
+  from munet_jax.models.munet import Conv3x3
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(size=(2, 9, 7, c_in)))
+    g = jnp.asarray(rng.normal(size=(2, 9, 7, 5)))
+    theirs = nn.Conv(5, (3, 3), padding="SAME", dtype=jnp.float64,
+                     bias_init=nn.initializers.normal(1.0))
+    ours = Conv3x3(5, nn.initializers.lecun_normal(), nn.initializers.normal(1.0), jnp.float64)
+    variables = theirs.init(jax.random.key(1), x)
+    assert _trees_equal(ours.init(jax.random.key(1), x), variables)
+    y, vjp = jax.vjp(lambda x, v: ours.apply(v, x), x, variables)
+    y_ref, vjp_ref = jax.vjp(lambda x, v: theirs.apply(v, x), x, variables)
+    # float64, nine or 9 * c_in products summed in another order: about 1e-15 of the
+    # values; a wrong tap or shift is of their order.
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-12)
+    for a, b in zip(jax.tree.leaves(vjp(g)), jax.tree.leaves(vjp_ref(g))):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
 class _FlaxBatchNormPReLU(nn.Module):
   """The composition munet_jax's BatchNorm computes in one piece."""
   prelu: bool
