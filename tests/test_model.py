@@ -355,6 +355,37 @@ def test_batch_norm_prelu_is_flax_batch_norm_then_prelu_with_the_same_gradients(
       assert _trees_equal(inf_new, new)
 
 
+def test_batch_norm_prelu_in_bfloat16_rounds_only_its_results():
+  from munet_jax.models.munet import BatchNorm, PReLUSlope
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(3, 6, 5, 4)), jnp.bfloat16)
+  g = jnp.asarray(rng.normal(size=x.shape), jnp.bfloat16)
+
+  class Block(nn.Module):
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+      slope = PReLUSlope(0.2)()
+      return BatchNorm(use_running_average=False, dtype=self.dtype)(x, negative_slope=slope)
+
+  variables = Block(jnp.float32).init(jax.random.key(0), x)
+  outs = {}
+  for dtype, inp in ((jnp.bfloat16, x), (jnp.float32, x.astype(jnp.float32))):
+    (z, _), vjp = jax.vjp(lambda v: Block(dtype).apply(v, inp, mutable=["batch_stats"]), variables)
+    z_x, vjp_x = jax.vjp(lambda x: Block(dtype).apply(variables, x, mutable=["batch_stats"])[0], inp)
+    outs[dtype] = (z, vjp_x(g.astype(z.dtype))[0])
+  (z16, gx16), (z32, gx32) = outs[jnp.bfloat16], outs[jnp.float32]
+  assert z16.dtype == gx16.dtype == jnp.bfloat16
+  # The same float32 arithmetic on the same (bfloat16) input and cotangent; only the
+  # results are rounded to bfloat16 (unit roundoff 2**-8), plus float32 noise of sums
+  # the two programs may order differently.
+  u = 2.0 ** -8
+  for ours, ref in ((z16, z32), (gx16, gx32)):
+    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+    assert np.all(np.abs(ours - ref) <= u * np.abs(ref) + 1e-5 * np.abs(ref).max())
+
+
 def test_batch_norm_evaluation_uses_the_running_statistics_as_flax_does():
   from munet_jax.models.munet import BatchNorm
   rng = np.random.default_rng(1)

@@ -246,9 +246,10 @@ def batch_norm_prelu(x, keep, scale, bias, slope, epsilon):
   where differentiating the composition keeps more full-size intermediates.
 
   Args:
-    x: (N, H, W, C), float32 or float64.
+    x: (N, H, W, C), any float dtype.
     keep: (N,) bool, the rows the statistics are taken over.
-    scale, bias: (C,). slope: () the PReLU's negative slope (1 for no PReLU).
+    scale, bias: (C,), slope: () the PReLU's negative slope (1 for no PReLU), all in
+      the dtype the statistics and z are computed in (float32 or float64).
     epsilon: added to the variance.
 
   Returns:
@@ -258,14 +259,16 @@ def batch_norm_prelu(x, keep, scale, bias, slope, epsilon):
 
 
 def _batch_norm_prelu_fwd(x, keep, scale, bias, slope, epsilon):
-  mean, var, raw_var, count = _row_statistics(x, keep)
-  z, _, _ = _normalise_prelu(x, mean, var, scale, bias, slope, epsilon)
+  xs = x.astype(scale.dtype)   # x stays in its own dtype among the saved values
+  mean, var, raw_var, count = _row_statistics(xs, keep)
+  z, _, _ = _normalise_prelu(xs, mean, var, scale, bias, slope, epsilon)
   return (z, mean, var), (x, keep, scale, bias, slope, mean, var, raw_var, count)
 
 
 def _batch_norm_prelu_bwd(epsilon, residuals, cotangents):
   x, keep, scale, bias, slope, mean, var, raw_var, count = residuals
   g, g_mean, g_var = cotangents
+  x_dtype, x = x.dtype, x.astype(scale.dtype)
   _, y, mul = _normalise_prelu(x, mean, var, scale, bias, slope, epsilon)
   g_y = jnp.where(y >= 0, g, slope * g)
   g_slope = jnp.where(y >= 0, 0, g * y).sum()
@@ -281,7 +284,7 @@ def _batch_norm_prelu_bwd(epsilon, residuals, cotangents):
   # mean = sum(x)/count, var = sum(x^2)/count - mean^2 over the kept rows.
   weight = keep.reshape(-1, 1, 1, 1).astype(x.dtype)
   g_x = g_y * mul + weight * ((g_mean_total + 2 * g_var_total * x) / count)
-  return g_x, None, g_scale, s1, g_slope
+  return g_x.astype(x_dtype), None, g_scale, s1, g_slope
 
 
 batch_norm_prelu.defvjp(_batch_norm_prelu_fwd, _batch_norm_prelu_bwd)
@@ -314,16 +317,15 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     out_dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
     stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    xs = x.astype(stat_dtype)
     scale, bias = scale.astype(stat_dtype), bias.astype(stat_dtype)
     slope = jnp.asarray(1.0 if negative_slope is None else negative_slope, stat_dtype)
     if self.use_running_average:
-      z, _, _ = _normalise_prelu(xs, ra_mean.value, ra_var.value, scale, bias, slope,
-                                 self.epsilon)
+      z, _, _ = _normalise_prelu(x.astype(stat_dtype), ra_mean.value, ra_var.value, scale,
+                                 bias, slope, self.epsilon)
     else:
       keep = (jnp.ones(x.shape[0], bool) if mask is None
               else mask.reshape(x.shape[0]).astype(bool))
-      z, mean, var = batch_norm_prelu(xs, keep, scale, bias, slope, self.epsilon)
+      z, mean, var = batch_norm_prelu(x, keep, scale, bias, slope, self.epsilon)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
