@@ -292,6 +292,12 @@ class _DiskErrors:
     if failed is None or failed in complete:   # the previous save is whole: this one failed
       failed = self.saving
     complete = [s for s in complete if s != failed]
+    # Orbax's background threads may still be writing the failed save; once they have
+    # stopped, nothing recreates the temporary folder removed here.
+    try:
+      ckpt.manager.wait_until_finished()
+    except Exception:   # noqa: BLE001 - the same failure, reported once below
+      pass
     if jax.process_index() == 0:
       ckpt._remove_unfinished()
     kept = (f"checkpoint {complete[-1]} is intact; free space and rerun the same command to "
