@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from typing import Any, Callable
 
 import jax
@@ -67,6 +68,7 @@ class Checkpointer:
     ])
     self.directory = checkpoint_dir(workdir)
     self._pending: int | None = None   # the step of the save in flight
+    self._disk_failed = False           # a save the file system refused (tidied up at close)
     # Orbax logs two WARNINGs through absl for every read-only manager ("read only ...");
     # reading a run is routine, so they are held back while it is made.
     absl_log = logging.getLogger("absl")
@@ -115,6 +117,8 @@ class Checkpointer:
   def close(self) -> None:
     with _DiskErrors(self):
       self.manager.close()
+    if self._disk_failed and jax.process_index() == 0:
+      self._remove_unfinished()   # whatever Orbax's threads wrote after the failure
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -269,8 +273,14 @@ class Checkpointer:
 
   def _remove_unfinished(self) -> None:
     """Removes the temporary folders of saves that never finished (a full disk, a kill)."""
-    for path in glob.glob(os.path.join(glob.escape(self.directory), f"*{ORBAX_TMP}*")):
-      shutil.rmtree(path, ignore_errors=True)
+    pattern = os.path.join(glob.escape(self.directory), f"*{ORBAX_TMP}*")
+    for _ in range(20):   # a failed save's writer threads may still be ending: until it stays gone
+      paths = glob.glob(pattern)
+      if not paths:
+        return
+      for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+      time.sleep(0.05)
 
 
 class _DiskErrors:
@@ -288,6 +298,7 @@ class _DiskErrors:
       return False
     _orbax_quiet.drop_late_restore_errors()   # a failed save's late callbacks, likewise
     failed, ckpt._pending = ckpt._pending, None
+    ckpt._disk_failed = True
     complete = _listed_steps(ckpt.directory)
     if failed is None or failed in complete:   # the previous save is whole: this one failed
       failed = self.saving
