@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -299,6 +300,10 @@ class _DiskErrors:
     _orbax_quiet.drop_late_restore_errors()   # a failed save's late callbacks, likewise
     failed, ckpt._pending = ckpt._pending, None
     ckpt._disk_failed = True
+    # The refused save's writer coroutines are dropped unfinished; Python would print a
+    # warning for each at exit, after the one line that says what happened.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
     complete = _listed_steps(ckpt.directory)
     if failed is None or failed in complete:   # the previous save is whole: this one failed
       failed = self.saving
