@@ -178,13 +178,16 @@ def conv3x3_one_channel(x, kernel):
   Returns:
     (N, H, W, C).
   """
-  _, h, w, _ = x.shape
+  n, h, w, c = x.shape
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  y = padded[:, 0:h, 0:w, :] * kernel[0, 0, 0]
+  # lax.slice, not indexing: with symbolic sizes (the export's any-batch, any-size
+  # trace) indexing becomes a gather.
+  shifted = lambda i, j: jax.lax.slice(padded, (0, i, j, 0), (n, i + h, j + w, c))
+  y = shifted(0, 0) * kernel[0, 0, 0]
   for i in range(3):
     for j in range(3):
       if i or j:
-        y = y + padded[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+        y = y + shifted(i, j) * kernel[i, j, 0]
   return y
 
 
