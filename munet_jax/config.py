@@ -112,8 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.largest_liver_component = False                   # post-processing, off as in paper
   c.eval.tumour_inside_liver = False
   c.eval.min_tumour_voxels = 0                             # tumour components below this -> liver
+  c.eval.min_tumour_liver_share = 0.0                      # tumour bordering liver less -> background
   c.eval.tta = False                                       # mean softmax over in-plane mirrorings
-  c.eval.choose_postprocessing = False                     # learn the two above on the val split
+  c.eval.choose_postprocessing = False                     # learn the four above on the val split
   c.eval.small_lesion_mm = 28.0                            # 28 x 28 mm^2 small-object bound
   c.eval.nsd_tolerance_mm = 2.0                            # NSD tolerance: ~2 in-plane voxels
   return c
@@ -260,6 +261,8 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   need(c.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
   need(c.eval.min_tumour_voxels >= 0, "eval.min_tumour_voxels", "must be >= 0")
+  need(0 <= c.eval.min_tumour_liver_share <= 1, "eval.min_tumour_liver_share",
+       "must be in [0, 1]")
   need(0 < c.eval.small_lesion_mm < math.inf, "eval.small_lesion_mm", "must be positive and finite")
   need(0 <= c.eval.nsd_tolerance_mm < math.inf, "eval.nsd_tolerance_mm",
        "must be non-negative and finite")

@@ -176,7 +176,7 @@ def test_the_onnx_file_holds_what_predict_needs(run):
   assert len(props["munet_jax.config_sha256"]) == 64
   assert json.loads(props["munet_jax.postprocessing"]) == {
       "largest_liver_component": False, "tumour_inside_liver": False,
-      "min_tumour_voxels": 0}
+      "min_tumour_liver_share": 0.0, "min_tumour_voxels": 0}
 
 
 def test_predict_onnx_gives_the_labels_of_predict_workdir(run, reference, capsys):

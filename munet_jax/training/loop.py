@@ -287,6 +287,8 @@ def choose_postprocessing(variables, config, slice_store, names, workdir) -> dic
   pp.save_choice(workdir, decision)
   choice = decision["choice"]
   kept = [s for s in pp.STEPS if choice[s]]
+  if choice[pp.LIVER_SHARE]:
+    kept.append(f"{pp.LIVER_SHARE}={choice[pp.LIVER_SHARE]:g}")
   if choice[pp.MIN_SIZE]:
     kept.append(f"{pp.MIN_SIZE}={choice[pp.MIN_SIZE]}")
   print(f"post-processing chosen on {len(names)} validation volumes: "
