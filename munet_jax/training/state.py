@@ -34,18 +34,37 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
-  """Fresh variables (section II.E initialisation) and Adam state for `config`."""
+  """Fresh variables (section II.E initialisation) and Adam state for `config`.
+
+  Built by one compiled program: run op by op, the initialisation compiles each of its
+  hundreds of small operations on its own (42 s for the demo's network on a 2-core CPU).
+  Its values need no optimised code, so XLA's backend optimisation is off for it (about
+  5 s), where the backend accepts that option.
+  """
   model = from_config(config)
-  init_key, dropout_key = jax.random.split(rng)
-  size = pooling_factor(len(config.model.features))   # the smallest slice it takes
-  variables = model.init(init_key, jnp.zeros((1, size, size, 1), jnp.float32), train=False)
-  params = variables["params"]
+  tx = create_optimizer(config)
   averaged = config.train.ema_decay > 0
-  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree) if averaged else None
-  return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=create_optimizer(config), batch_stats=variables["batch_stats"],
-                           dropout_key=jax.random.key_data(dropout_key),
-                           ema_params=copy(params), ema_batch_stats=copy(variables["batch_stats"]))
+  size = pooling_factor(len(config.model.features))   # the smallest slice it takes
+
+  def create(rng):
+    init_key, dropout_key = jax.random.split(rng)
+    variables = model.init(init_key, jnp.zeros((1, size, size, 1), jnp.float32), train=False)
+    params = variables["params"]
+    copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree) if averaged else None
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             batch_stats=variables["batch_stats"],
+                             dropout_key=jax.random.key_data(dropout_key),
+                             ema_params=copy(params),
+                             ema_batch_stats=copy(variables["batch_stats"]))
+
+  if isinstance(rng, jax.core.Tracer):   # inside a transformation (eval_shape, jit)
+    return create(rng)
+  lowered = jax.jit(create).lower(rng)
+  try:
+    compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+  except Exception:   # a backend without the option: the default compile
+    compiled = lowered.compile()
+  return compiled(rng)
 
 
 def ema_update(ema, params, step: jax.Array, decay: float):
