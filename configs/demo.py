@@ -55,7 +55,7 @@ def get_config():
   c = base_config()
   c.seed = 0
   c.data.root = "data/synthetic_demo"
-  c.data.synthetic.cases = 88
+  c.data.synthetic.cases = 80
   c.data.synthetic.size = 288
   c.data.synthetic.crop = 168
   c.data.synthetic.slices = 48
@@ -65,7 +65,7 @@ def get_config():
   c.data.train_crop = "foreground"
   c.data.split = "custom"
   c.data.num_train = 48
-  c.data.num_val = 16
+  c.data.num_val = 8
   c.data.num_test = 24
   c.data.sampling = "all"
   c.data.foreground_tumour_share = 0.25  # crops of tumour slices: a quarter around a tumour voxel

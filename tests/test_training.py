@@ -397,33 +397,3 @@ def test_two_processes_match_the_single_process_run(tmp_path):
   assert int(two["devices"]) == 2
   np.testing.assert_allclose(two["loss"], one["loss"], rtol=LOSS_RTOL)
   assert np.abs(two["params"] - one["params"]).max() < PARAM_BOUND   # float64: see above
-
-
-def test_a_run_that_makes_its_data_compiles_its_steps_ahead_and_trains_the_same(
-    tmp_path, monkeypatch):
-  """Making synthetic data, the steps compile on a thread (`training.ahead`); the run
-  then ends bitwise where a run on the same data with the steps jitted on first call does."""
-  from conftest import make_tiny_config
-  from munet_jax.training import ahead, loop
-  from reliability.harness import assert_same_state
-  made = []
-  real_init = ahead.AheadOfTime.__init__
-
-  def spy(self, *args, **kwargs):
-    made.append(self)
-    real_init(self, *args, **kwargs)
-  monkeypatch.setattr(ahead.AheadOfTime, "__init__", spy)
-  c = make_tiny_config()
-  c.model.features = (4, 8)
-  c.data.root = str(tmp_path / "data")
-  c.data.synthetic.cases, c.data.synthetic.size, c.data.synthetic.slices = 3, 32, 4
-  c.train.steps, c.train.batch_size, c.train.log_every_steps = 4, 3, 2
-  c.train.ema_decay, c.train.ema_stats_steps = 0.9, 1     # both steps: plain, fitting stats
-  c.train.final_eval_split = ""
-  c.checkpoint.every_steps = 2
-  loop.train_and_evaluate(c, str(tmp_path / "made"))
-  assert len(made) == 2 and all(m.compiled_calls > 0 for m in made)
-  assert [m.compiled_calls for m in made] == [2, 2]        # steps 1, 3; steps 2, 4
-  loop.train_and_evaluate(c, str(tmp_path / "read"))     # the data is there now
-  assert len(made) == 2                                   # nothing compiled ahead
-  assert_same_state(tmp_path / "made", tmp_path / "read")

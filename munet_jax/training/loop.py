@@ -21,12 +21,11 @@ from tqdm import tqdm
 
 from munet_jax import evaluation, sharding
 from munet_jax import postprocessing as pp
-from munet_jax.checkpoints import Checkpointer, checkpoint_dir
+from munet_jax.checkpoints import Checkpointer
 from munet_jax.data import discovery, splits, store, synthetic
 from munet_jax.data.pipeline import make_train_iterator
 from munet_jax.errors import UserError
 from munet_jax.inference import VolumeSegmenter
-from munet_jax.training.ahead import AheadOfTime, abstract_train_args
 from munet_jax.training.reporting import MetricWriter, plot_curves
 from munet_jax.training.state import (create_train_state, ema_stats_steps, make_train_step,
                                       variables_of)
@@ -153,50 +152,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns final results."""
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
+  split, slice_store = prepare_data(config)
+
   mesh = sharding.make_mesh()
   padded = sharding.padded_batch_size(config.train.batch_size, mesh.devices.size)
-  jit_step = lambda step: jax.jit(
-      step, donate_argnums=0,
-      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-  step_fn = jit_step(make_train_step(config))
-  # With a weight average: the steps before each checkpoint also fit its batch norm.
-  stats_step_fn = (jit_step(make_train_step(config, ema_stats=True))
-                   if config.train.ema_decay > 0 else step_fn)
-  state, ahead = None, []
-  if _makes_data(config) and not _has_checkpoints(workdir):
-    # A new run that makes its synthetic data first (one core's work): the steps compile
-    # on a thread meanwhile, for the initial state's layout and the batch's.
-    state = jax.device_put(create_train_state(config, jax.random.key(config.seed)),
-                           sharding.replicated(mesh))
-    args = abstract_train_args(state, config, mesh, padded)
-    ahead.append(AheadOfTime(step_fn, *args))
-    if stats_step_fn is not step_fn:
-      ahead.append(AheadOfTime(stats_step_fn, *args, after=ahead[0]))
-    step_fn, stats_step_fn = ahead[0], ahead[-1]
-  try:
-    return _train(config, workdir, lead, mesh, padded, state, step_fn, stats_step_fn)
-  finally:
-    # A compile still running when the process exits (a full disk, Ctrl-C) crashes it.
-    for compiling in ahead:
-      compiling.wait()
-
-
-def _makes_data(config: ml_collections.ConfigDict) -> bool:
-  return (config.data.synthetic.cases > 0 and not _has_cases(config.data.root)
-          and jax.process_count() == 1)
-
-
-def _has_checkpoints(workdir: str) -> bool:
-  folder = checkpoint_dir(workdir)
-  return os.path.isdir(folder) and bool(os.listdir(folder))
-
-
-def _train(config, workdir, lead, mesh, padded, state, step_fn, stats_step_fn):
-  """`train_and_evaluate` once the steps exist (and the initial state, if made early)."""
-  split, slice_store = prepare_data(config)
-  if state is None:
-    state = jax.device_put(create_train_state(config, jax.random.key(config.seed)),
-                           sharding.replicated(mesh))
+  state = create_train_state(config, jax.random.key(config.seed))
+  state = jax.device_put(state, sharding.replicated(mesh))
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
   restored = ckpt.restore_latest(state, config)
   data_state = None
@@ -215,6 +176,13 @@ def _train(config, workdir, lead, mesh, padded, state, step_fn, stats_step_fn):
   if data_state is not None:
     iterator.set_state(data_state)
 
+  jit_step = lambda step: jax.jit(
+      step, donate_argnums=0,
+      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+  step_fn = jit_step(make_train_step(config))
+  # With a weight average: the steps before each checkpoint also fit its batch norm.
+  stats_step_fn = (jit_step(make_train_step(config, ema_stats=True))
+                   if config.train.ema_decay > 0 else step_fn)
   writer = MetricWriter(workdir, enabled=lead)
   val_names = [c.name for c in split["val"] if c.name in stored]
   validating = bool(val_names)
