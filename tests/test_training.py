@@ -246,6 +246,12 @@ def test_the_weight_average_follows_its_recurrence_and_is_what_a_run_evaluates(t
     b = np.asarray(b)
     np.testing.assert_allclose(np.asarray(a), b, rtol=0,
                                atol=n * np.finfo(np.float32).eps * float(np.max(np.abs(b))))
+  # One program with a flag (what the trainer compiles) computes both steps, bitwise.
+  flagged = jax.jit(make_train_step(c, ema_stats=None))
+  for flag, fixed in ((True, fitted), (False, step(state, batch)[0])):
+    got, _ = flagged(state, batch, np.bool_(flag))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(fixed)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   unfitted, _ = step(state, batch)   # without ema_stats they stay as they were
   for a, b in zip(jax.tree_util.tree_leaves(unfitted.ema_batch_stats),
                   jax.tree_util.tree_leaves(state.ema_batch_stats)):

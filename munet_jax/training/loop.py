@@ -179,10 +179,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   jit_step = lambda step: jax.jit(
       step, donate_argnums=0,
       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-  step_fn = jit_step(make_train_step(config))
-  # With a weight average: the steps before each checkpoint also fit its batch norm.
-  stats_step_fn = (jit_step(make_train_step(config, ema_stats=True))
-                   if config.train.ema_decay > 0 else step_fn)
+  # With a weight average the steps before each checkpoint also fit its batch norm: one
+  # program takes a flag for it (one compile, not two).
+  averaging = config.train.ema_decay > 0
+  step_fn = jit_step(make_train_step(config, ema_stats=None if averaging else False))
   writer = MetricWriter(workdir, enabled=lead)
   val_names = [c.name for c in split["val"] if c.name in stored]
   validating = bool(val_names)
@@ -220,8 +220,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       batch = sharding.global_batch_from_local(next(iterator), mesh) if start < total else None
       for step in range(start, total):
         done = step + 1
-        fits_stats = ema_stats_steps(done, config, validating)
-        state, metrics = (stats_step_fn if fits_stats else step_fn)(state, batch)
+        if averaging:
+          fits_stats = np.bool_(ema_stats_steps(done, config, validating))
+          state, metrics = step_fn(state, batch, fits_stats)
+        else:
+          state, metrics = step_fn(state, batch)
         for value in metrics.values():
           value.copy_to_host_async()
         rate = None
