@@ -182,7 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   # With a weight average the steps before each checkpoint also fit its batch norm: one
   # program takes a flag for it (one compile, not two).
   averaging = config.train.ema_decay > 0
-  step_fn = jit_step(make_train_step(config, ema_stats=None if averaging else False))
+  step_fn = jit_step(make_train_step(config, ema_stats=None) if averaging
+                     else make_train_step(config))
   writer = MetricWriter(workdir, enabled=lead)
   val_names = [c.name for c in split["val"] if c.name in stored]
   validating = bool(val_names)

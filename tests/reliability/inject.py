@@ -73,6 +73,11 @@ def install(spec: str) -> None:
 
 def main(argv):
   spec, *command = argv
+  # The Ctrl-C this stands for comes from a terminal, where Python turns SIGINT into
+  # KeyboardInterrupt. A suite started in the background (`cmd &` in a script) hands its
+  # processes SIGINT ignored, and Python then leaves it ignored.
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   sys.path.insert(0, root)
   install(spec)
