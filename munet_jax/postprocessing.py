@@ -163,6 +163,11 @@ def lesion_score(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> dic
   for pred, ref in zip(preds, refs):
     det = lesion_detection(pred == 2, ref == 2, (1.0, 1.0, 1.0))["all"]
     counts += (det["ref_count"], det["ref_detected"], det["pred_count"], det["pred_correct"])
+  return _lesion_rates(counts)
+
+
+def _lesion_rates(counts) -> dict:
+  """Recall, precision and F1 from (reference lesions, found, predicted lesions, correct)."""
   recall = counts[1] / counts[0] if counts[0] else 1.0
   precision = counts[3] / counts[2] if counts[2] else 1.0
   f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
@@ -209,12 +214,7 @@ def _score_pair(tables: Sequence[dict], share: float, size: int) -> dict:
     liver.append(1.0 if pred + t["liver_ref"] == 0 else 2.0 * both / (pred + t["liver_ref"]))
     inter += int(t["tumour_overlap"][kept].sum())
     total += int(t["size"][kept].sum()) + t["ref_tumour"]
-  recall = counts[1] / counts[0] if counts[0] else 1.0
-  precision = counts[3] / counts[2] if counts[2] else 1.0
-  f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
-  return {"lesion_recall": float(recall), "lesion_precision": float(precision),
-          "lesion_f1": float(f1), "reference_lesions": int(counts[0]),
-          "predicted_lesions": int(counts[2]), "liver_dice": float(np.mean(liver)),
+  return {**_lesion_rates(counts), "liver_dice": float(np.mean(liver)),
           "tumour_dice": 1.0 if total == 0 else 2.0 * inter / total}
 
 
